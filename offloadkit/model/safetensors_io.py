@@ -18,6 +18,7 @@ what to compute with is decided above, in :mod:`offloadkit.model.checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -140,7 +141,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     infos = {name: _entry(path, name, raw, data_start) for name, raw in header.items()}
 
     ordered = sorted((i for i in infos.values() if i.nbytes), key=lambda i: i.start)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b.start < a.stop:
             raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a.name!r} and {b.name!r} "
                                   f"overlap (bytes {a.start - data_start}..{a.stop - data_start} and "
@@ -195,10 +196,8 @@ class SafetensorsFile:
         """Release this object's hold on the map; views handed out stay valid."""
         self._bytes = None
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # views alive: the map goes when the last one does
                 self._map.close()
-            except BufferError:  # views are still alive: the map goes when the last one does
-                pass
             self._map = None
 
 

@@ -25,15 +25,37 @@ import time
 from pathlib import Path
 
 import torch
-from offloadkit.model.reference import ReferenceModel
-from offloadkit.model.writer import make_config, write_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from offloadkit.model.reference import ReferenceModel
 from offloadkit.model.routing import normalized_entropy
 from offloadkit.model.spec import ModelSpec
+from offloadkit.model.writer import make_config, write_checkpoint
 
-SIZES = dict(layers=4, hidden=192, heads=6, kv_heads=2, experts=8, top_k=2, intermediate=384, vocab=2048)
+SIZES = dict(layers=4, hidden=128, heads=4, kv_heads=2, experts=8, top_k=2, intermediate=256, vocab=2048)
+AUX_COEF = 0.01  # Switch-Transformer load-balancing loss: keeps all experts in use while they specialize
+
+
+class TrainingModel(ReferenceModel):
+    """The reference forward, plus the router's load-balancing loss (training only).
+
+    Without it a small router collapses onto two experts within a few steps. The loss is
+    ``E * sum_e f_e * P_e`` per MoE layer (f: share of picks, P: mean router probability), as in
+    Switch Transformer and transformers' ``load_balancing_loss_func``.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.aux_losses: list[torch.Tensor] = []
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        routed, experts = super().route(layer, x)
+        if torch.is_grad_enabled():
+            probs = torch.softmax(x @ self.w(f"{self.spec.moe_prefix(layer)}.gate.weight").T, dim=-1)
+            picks = torch.zeros_like(probs).scatter_(1, experts, 1.0).mean(0) / self.spec.top_k
+            self.aux_losses.append(self.spec.n_experts * (picks * probs.mean(0)).sum())
+        return routed, experts
 
 
 def corpus() -> str:
@@ -75,7 +97,7 @@ def batches(ids: torch.Tensor, seq: int, batch: int, g: torch.Generator):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -94,7 +116,7 @@ def main() -> None:
                          bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"))
     spec = ModelSpec.from_config(config, "demo-mixtral")
     weights = init_weights(spec, args.seed)
-    model = ReferenceModel(spec, weights)
+    model = TrainingModel(spec, weights)
     opt = torch.optim.AdamW(list(weights.values()), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     warmup = max(args.steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -107,14 +129,16 @@ def main() -> None:
         x, y = next(data)
         logits = model.forward(x)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, spec.vocab_size), y.reshape(-1))
+        aux = torch.stack(model.aux_losses).mean()
+        model.aux_losses.clear()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + AUX_COEF * aux).backward()
         torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
         if step % 100 == 0 or step == args.steps - 1:
-            log.append({"step": step, "train_loss": round(loss.item(), 4),
+            log.append({"step": step, "train_loss": round(loss.item(), 4), "aux_loss": round(aux.item(), 4),
                         "elapsed_s": round(time.time() - t_start, 1)})
 
     with torch.no_grad():
