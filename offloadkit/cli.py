@@ -8,12 +8,20 @@ line (``offloadkit: error: ...``) with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from offloadkit.errors import OffloadkitError
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Modules that add subcommands: each has ``register(subparsers) -> None`` and keeps its handlers.
+COMMAND_MODULES: tuple[str, ...] = (
+    "offloadkit.hardware.commands",
+    "offloadkit.runtime.commands",
+    "offloadkit.kernels.commands",
+)
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
@@ -91,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: the demo model's anatomy and text")
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.set_defaults(func=cmd_demo)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

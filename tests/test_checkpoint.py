@@ -165,14 +165,19 @@ RSS_PROBE = textwrap.dedent("""
     before = rss()
     ckpt = open_checkpoint(sys.argv[1])
     shapes = {name: tuple(t.shape) for name, t in ckpt.items()}  # a view of every tensor
+    from offloadkit.model.reference import ReferenceModel
+    model = ReferenceModel(ckpt.spec, ckpt)  # checks every tensor, converts none
     after = rss()
     probe = ckpt[sys.argv[2]].float().sum().item()
-    print(before, after, len(shapes), ckpt.nbytes, repr(probe))
+    logits = model.forward(torch.tensor([[1, 5, 9, 200]]))  # and the mapped bf16 model runs
+    ok = bool(torch.isfinite(logits).all()) and tuple(logits.shape) == (1, 4, ckpt.spec.vocab_size)
+    print(before, after, len(shapes), ckpt.nbytes, repr(probe), ok)
 """)
 
 
 def test_open_maps_instead_of_loading(tmp_path: Path) -> None:
-    """A ~245 MB bf16 checkpoint opens, and every tensor is viewed, for well under 10% of its size in RSS."""
+    """A ~245 MB bf16 checkpoint opens and is wrapped in the reference model (every tensor viewed) for
+    well under 10% of its size in RSS before the first forward; then it runs."""
     if not Path("/proc/self/statm").exists():
         pytest.skip("needs /proc/self/statm (Linux)")
     config = make_config("mixtral", layers=2, hidden=1024, heads=16, kv_heads=4, experts=8,
@@ -185,7 +190,8 @@ def test_open_maps_instead_of_loading(tmp_path: Path) -> None:
         run = subprocess.run([sys.executable, "-c", RSS_PROBE, str(out), probe], capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        before, after, n_tensors, nbytes, value = run.stdout.split()
+        before, after, n_tensors, nbytes, value, ran = run.stdout.split()
+        assert ran == "True", "the memory-mapped bf16 model did not produce finite logits"
         growth = int(after) - int(before)
         assert int(n_tensors) == len(ModelSpec.from_config(config).tensors())
         assert int(nbytes) > 0.99 * file_bytes

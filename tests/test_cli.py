@@ -36,3 +36,37 @@ def test_unsupported_architecture_from_cli(tmp_path):
     r = run_cli("info", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "'bert' is not supported" in r.stderr
+
+
+def test_make_model_then_generate_matches_the_reference(tmp_path, capsys):
+    import torch
+
+    from offloadkit.model.loader import load_reference
+
+    out = tmp_path / "tiny"
+    assert main(["make-model", "--arch", "qwen2_moe", "--out", str(out), "--layers", "2", "--hidden", "32",
+                 "--experts", "4", "--vocab", "300", "--seed", "3"]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "measured on this machine" in printed and "engine: reference" in printed
+    model, tok = load_reference(out)
+    ids = tok.encode("hi")
+    expected = model.greedy(torch.tensor([ids]), 6)[0].tolist()
+    stop = next((i for i, t in enumerate(expected) if t in tok.eos_ids), len(expected) - 1)
+    assert tok.decode(expected[:stop + 1]) in printed
+
+
+def test_corrupt_checkpoint_from_cli(tmp_path):
+    out = tmp_path / "m"
+    assert main(["make-model", "--arch", "llama", "--out", str(out), "--hidden", "32", "--vocab", "300"]) == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    r = run_cli("generate", "--model", str(out), "--prompt", "x", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.safetensors" in r.stderr and "truncated" in r.stderr
+
+
+def test_make_model_rejects_bad_sizes(tmp_path):
+    r = run_cli("make-model", "--arch", "mixtral", "--out", str(tmp_path / "x"), "--experts", "2",
+                "--top-k", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "exceeds the number of experts" in r.stderr
