@@ -8,9 +8,14 @@ description. The cost model and the algorithms are offloadkit's own formulation.
 from offloadkit.errors import (
     CheckpointError,
     ConfigError,
+    CudaUnavailableError,
     DTypeError,
     ModelNotFoundError,
     OffloadkitError,
+    PlanError,
+    ProfileError,
+    TaskGraphError,
+    TraceError,
     UnsupportedArchitectureError,
 )
 
@@ -19,9 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CudaUnavailableError",
     "DTypeError",
     "ModelNotFoundError",
     "OffloadkitError",
+    "PlanError",
+    "ProfileError",
+    "TaskGraphError",
+    "TraceError",
     "UnsupportedArchitectureError",
     "__version__",
 ]

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "offloadkit.hardware.commands",
     "offloadkit.runtime.commands",
     "offloadkit.kernels.commands",
+    "offloadkit.bench.commands",
 )
 
 
@@ -50,9 +51,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from offloadkit.model.generate import SamplingConfig, stream_text
-    from offloadkit.model.loader import load_reference
+    from offloadkit.runtime.engines import load_engine
 
-    model, tok = load_reference(args.model)
+    model, tok = load_engine(args.engine, args.model)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     stream_text(model, tok, args.prompt, args.max_new_tokens, sampling)
     return 0
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--engine", choices=["reference", "cpu"], default="reference",
+                   help="reference: plain PyTorch; cpu: offloadkit's CPU kernels (default reference)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job: the demo model's anatomy and text")

@@ -31,3 +31,23 @@ class DTypeError(CheckpointError):
 
 class ModelNotFoundError(OffloadkitError):
     """A model name or path that resolves to nothing."""
+
+
+class PlanError(OffloadkitError):
+    """A plan that cannot run: it does not fit the GPU's memory, needs a GPU the profile lacks, or is unknown."""
+
+
+class TaskGraphError(OffloadkitError):
+    """A task graph with a cycle, a dependency on a missing task, or a task on an unknown lane."""
+
+
+class TraceError(OffloadkitError):
+    """A routing trace file that is missing, unreadable, or does not match the model."""
+
+
+class ProfileError(OffloadkitError):
+    """A hardware profile is unknown, unreadable, incomplete, or has a figure without a source."""
+
+
+class CudaUnavailableError(OffloadkitError):
+    """CUDA was asked for (a GPU kernel, a CUDA device) where there is none: no CuPy, no driver, no GPU."""

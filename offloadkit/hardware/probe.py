@@ -1,0 +1,260 @@
+"""``offloadkit profile``: measure the machine this runs on and write a profile the catalog loader reads.
+
+What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, see ``probe_cuda.py``):
+
+- DRAM read bandwidth with all cores: a STREAM-like Numba parallel sum over a buffer far larger than
+  the caches (512 MiB; 128 MiB with ``--quick``), best of several runs.
+- CPU expert time vs tokens (1, 2, 4, ..., 512): the engine's own SwiGLU expert kernel
+  (``offloadkit.kernels.cpu.expert_rows``; torch ``F.linear`` if that module is missing) on a
+  hidden 4096 x intermediate 4096 expert (1024 x 2048 with ``--quick``), with f32 weights and with
+  bf16-stored weights (widened to f32 inside the kernel, DESIGN.md section 10): the
+  ``cpu_expert_f32`` / ``cpu_expert_bf16`` curves, per parameter of all three matrices, and their
+  best FLOP rates as ``flops_*_tflops``.
+- The per-call overhead of the same kernel on a tiny expert (median).
+
+It refuses to invent what it did not measure: a CPU-only machine gets a profile without ``[gpu]`` and
+``[link]``, never made-up GPU figures; and a figure measured as zero or negative aborts the probe.
+The raw measurements are a plain dict, so ``build_profile`` can be tested with a fake one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from offloadkit.errors import ProfileError
+from offloadkit.hardware.profile import CpuProfile, Curve, GpuProfile, HardwareProfile, LinkProfile
+from offloadkit.hardware.toml_writer import save_profile
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Sizes and repetitions of one probe run."""
+
+    dram_bytes: int
+    hidden: int  # the expert's hidden size H (W1, W3: [I, H]; W2: [H, I])
+    intermediate: int  # the expert's intermediate size I
+    tokens: tuple[int, ...]
+    reps: int  # timed runs per point (best is kept), after one warm-up
+    point_budget_s: float  # keep repeating a point until this much time has passed (fast points)
+    dram_budget_s: float  # likewise for the DRAM sum: more samples ride out bursts of other load
+
+
+TOKENS = tuple(2**i for i in range(10))  # 1, 2, 4, ..., 512
+# Full: 3 x 4096 x 4096 = 50M parameters (201 MB in f32, far beyond the caches), a third of a
+# Mixtral-8x7B expert, so that the sweep stays well under two minutes on two cores.
+FULL = ProbeSettings(dram_bytes=512 * MIB, hidden=4096, intermediate=4096, tokens=TOKENS, reps=2,
+                     point_budget_s=0.3, dram_budget_s=1.5)
+QUICK = ProbeSettings(dram_bytes=128 * MIB, hidden=1024, intermediate=2048, tokens=TOKENS, reps=2,
+                      point_budget_s=0.05, dram_budget_s=0.3)
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def stream_sum(a: np.ndarray) -> float:
+    """Sum of a float64 array, split over all Numba threads: reads every byte once (STREAM-like)."""
+    s = 0.0
+    for i in prange(a.size):
+        s += a[i]
+    return s
+
+
+def best_time(fn: Callable[[], object], reps: int, budget_s: float = 0.0) -> float:
+    """Best wall time of ``fn`` over at least ``reps`` runs (after one warm-up), and more runs while
+    the total stays under ``budget_s`` (at most 50): fast calls get enough samples to be stable."""
+    fn()
+    best, spent, n = float("inf"), 0.0, 0
+    while n < reps or (spent < budget_s and n < 50):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
+def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[[Any], Any], str]:
+    """A SwiGLU expert ``x -> W2 (silu(W1 x) * W3 x)`` with random weights stored in ``dtype``, and what it is.
+
+    The engine's own CPU kernel (``offloadkit.kernels.cpu.expert_rows``: weights stored as they come,
+    widened to f32 inside the kernel) when it imports; otherwise torch on weights widened beforehand.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
+    w1, w3, w2 = (torch.randn(*shape, generator=gen).mul_(0.02).to(tdtype) for shape in shapes)
+    try:
+        from offloadkit.kernels.cpu import ExpertWeights, expert_rows
+    except ImportError:
+        import torch.nn.functional as F
+
+        f1, f3, f2 = w1.float(), w3.float(), w2.float()
+        return (lambda x: F.linear(F.silu(F.linear(x, f1)) * F.linear(x, f3), f2),
+                "torch F.linear SwiGLU expert on weights widened to f32 beforehand")
+    weights = ExpertWeights.from_torch(w1, w3, w2)
+    return lambda x: expert_rows(x, weights), "offloadkit.kernels.cpu.expert_rows (SwiGLU expert, all rows)"
+
+
+# ---- CPU measurements -----------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measure_dram_gbps(nbytes: int, reps: int = 5, budget_s: float = 0.0) -> float:
+    """All-core DRAM read bandwidth, GB/s (1e9 bytes/s): best of at least ``reps`` parallel sums."""
+    a = np.ones(nbytes // 8, dtype=np.float64)  # np.ones touches every page before timing
+    return a.nbytes / best_time(lambda: stream_sum(a), reps, budget_s) / 1e9
+
+
+def measure_cpu_curve(dtype: str, s: ProbeSettings) -> tuple[list[float], int, str]:
+    """Seconds per call of the CPU expert for each of ``s.tokens``, its parameter count, and the kernel."""
+    import torch
+
+    kernel, what = expert_kernel(dtype, s.hidden, s.intermediate)
+    gen = torch.Generator().manual_seed(1)
+    seconds = []
+    for n in s.tokens:
+        x = torch.randn(n, s.hidden, generator=gen)
+        seconds.append(best_time(lambda x=x: kernel(x), s.reps, s.point_budget_s))
+    return seconds, 3 * s.hidden * s.intermediate, what
+
+
+def measure_call_overhead_us(calls: int = 300) -> tuple[float, str]:
+    """Median microseconds of one call of the expert kernel on a tiny (8 x 8) bf16 expert: the fixed
+    cost of a CPU task; and what was called."""
+    import torch
+
+    kernel, what = expert_kernel("bfloat16", 8, 8)
+    x = torch.ones(1, 8)
+    for _ in range(20):
+        kernel(x)
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        kernel(x)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6, f"median of {calls} calls of {what} on an 8 x 8 bf16 expert, 1 token"
+
+
+def peak_tflops(seconds: list[float], tokens: tuple[int, ...], params: int) -> float:
+    """The best FLOP rate along a curve, TFLOP/s (a matmul of n tokens is 2 n params FLOPs)."""
+    return max(2 * n * params / t for n, t in zip(tokens, seconds, strict=True)) / 1e12
+
+
+# ---- the whole probe ------------------------------------------------------------------------------
+
+def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every measurement this machine allows; returns the raw figures (see ``build_profile``)."""
+    from numba import get_num_threads
+    from tqdm.auto import tqdm
+
+    from offloadkit.hardware import probe_cuda
+
+    s = QUICK if quick else FULL
+    has_cuda = probe_cuda.cuda_available()
+    steps = 4 + (probe_cuda.STEPS if has_cuda else 0)
+    started = time.perf_counter()
+    m: dict[str, Any] = {"cpu": {"name": cpu_name(), "cores": get_num_threads()}, "gpu": None, "link": None,
+                         "curves": {}, "methods": {}, "quick": quick}
+    cpu, methods = m["cpu"], m["methods"]
+    with tqdm(total=steps, desc="offloadkit profile", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("DRAM bandwidth")
+        cpu["dram_bandwidth_gbps"] = measure_dram_gbps(s.dram_bytes, 5, s.dram_budget_s)
+        methods["cpu.dram_bandwidth_gbps"] = (f"Numba parallel sum over {s.dram_bytes // MIB} MiB of float64 with "
+                                              f"{cpu['cores']} threads, best of >= 5 runs over {s.dram_budget_s} s")
+        methods["cpu.cores"] = "Numba threads (numba.get_num_threads())"
+        bar.update()
+        for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
+            bar.set_postfix_str(f"CPU expert {short}")
+            seconds, params, what = measure_cpu_curve(dtype, s)
+            how = f"{what}, {short} weights, hidden {s.hidden} x intermediate {s.intermediate}"
+            m["curves"][f"cpu_expert_{short}"] = {"tokens": list(s.tokens), "seconds": seconds, "params": params,
+                                                  "method": f"{how}, best of >= {s.reps}, per parameter of W1+W2+W3"}
+            cpu[f"flops_{short}_tflops"] = peak_tflops(seconds, s.tokens, params)
+            methods[f"cpu.flops_{short}_tflops"] = (f"best FLOP rate of the cpu_expert_{short} curve ({how}, "
+                                                    f"tokens {s.tokens[0]}..{s.tokens[-1]})")
+            bar.update()
+        bar.set_postfix_str("call overhead")
+        cpu["call_overhead_us"], methods["cpu.call_overhead_us"] = measure_call_overhead_us()
+        bar.update()
+        if has_cuda:
+            probe_cuda.measure_cuda(m, s, bar)
+    m["elapsed_s"] = time.perf_counter() - started
+    return m
+
+
+def default_name() -> str:
+    """``measured-<hostname>``, lower case, with anything but letters, digits and dashes made a dash."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-") or "host"
+    return f"measured-{host}"
+
+
+def build_profile(m: dict[str, Any], name: str | None = None, date: str | None = None) -> HardwareProfile:
+    """Turn raw measurements (from ``measure``, or a fake dict in tests) into a sourced profile."""
+    date = date or _dt.date.today().isoformat()
+    name = name or default_name()
+    stamp = f"measured by offloadkit profile on {date}" + (" (--quick)" if m.get("quick") else "")
+    methods: dict[str, str] = m.get("methods", {})
+    sources: dict[str, str] = {}
+    parts: dict[str, Any] = {}
+    for section, cls in (("cpu", CpuProfile), ("gpu", GpuProfile), ("link", LinkProfile)):
+        raw = m.get(section)
+        if raw is None:
+            parts[section] = None
+            continue
+        for key, value in raw.items():
+            if key == "name":
+                continue
+            if not isinstance(value, (int, float)) or not value == value or value < 0 or (
+                    value == 0 and not key.endswith(("overhead_us", "latency_us"))):
+                raise ProfileError(f"the probe measured {section}.{key} = {value!r}; refusing to write it")
+            how = methods.get(f"{section}.{key}")
+            sources[f"{section}.{key}"] = f"{stamp}: {how}" if how else stamp
+        parts[section] = cls(**raw)
+    curves = {}
+    for kind, c in m.get("curves", {}).items():
+        params = int(c["params"])
+        curves[kind] = Curve(kind=kind, tokens=tuple(c["tokens"]), params=params,
+                             seconds_per_param=tuple(t / params for t in c["seconds"]))
+        sources[f"curves.{kind}"] = f"{stamp}: {c['method']}" if c.get("method") else stamp
+    cpu = parts["cpu"]
+    what = f"{cpu.name}, {cpu.cores} cores"
+    if parts["gpu"] is not None:
+        what += f", {parts['gpu'].name} on {parts['link'].name}"
+    else:
+        what += ", no CUDA GPU"
+    description = f"{what}; {stamp}" + (f" in {m['elapsed_s']:.0f} s" if "elapsed_s" in m else "")
+    return HardwareProfile(name=name, description=description, cpu=cpu, gpu=parts["gpu"], link=parts["link"],
+                           curves=curves, sources=sources)
+
+
+def run_profile(out: str | Path | None = None, quick: bool = False, name: str | None = None,
+                progress: bool = True) -> tuple[HardwareProfile, Path]:
+    """Measure this machine, write the profile to ``out`` (default ``./<name>.toml``); returns both."""
+    profile = build_profile(measure(quick=quick, progress=progress), name=name)
+    path = save_profile(profile, Path(out) if out else Path(os.getcwd()) / f"{profile.name}.toml")
+    return profile, path

@@ -1,0 +1,159 @@
+"""The decode path: a SwiGLU row slice for a few tokens, at the speed DRAM delivers the weights.
+
+With one to ~8 tokens an expert is a matrix-vector product: 2 flops per weight per token against
+2 or 4 bytes per weight, so the CPU waits on memory and the only thing that matters is reading
+every weight byte once, in long sequential streams, on every core at once. The slice
+``[r0, r1)`` of the intermediate dimension is computed in two parallel passes:
+
+1. **gate / up** — rows ``i`` of W1 and W3 (``[I, H]``, contiguous rows in the Hub layout): each
+   thread takes one contiguous run of rows and, for each row, computes both dot products against
+   every token in one pass (:func:`~offloadkit.kernels.cpu_core.dot2_t4` and friends), then
+   ``h[t, i] = silu(g) * u``. Each thread streams ``2 * rows / threads`` weight rows front to back.
+2. **down** — W2 is ``[H, I]``, so the slice is the column block ``W2[:, r0:r1]``: a run of
+   ``r1 - r0`` contiguous weights in every one of the H rows. Threads split the *output* rows ``j``
+   and each computes ``y[t, j] += W2[j, r0:r1] · h[t]`` with the same fused dots. No two threads
+   write the same output and no cross-thread reduction is needed; ``h`` (``4 (r1 - r0)`` bytes per
+   token) stays in L2 while the weights stream past.
+
+Both passes split rows evenly over the Numba threads (contiguous runs, which the hardware
+prefetchers follow). Shapes too small to pay for a parallel launch (under
+:data:`PARALLEL_MIN_BYTES` of weights) run on the calling thread. :func:`rows_dot` is the same
+pass 2 for any weight ``[out, in]``: attention projections, routers and the lm_head use it too.
+
+What it refuses to do: validation (see :mod:`offloadkit.kernels.cpu`, the public entry point,
+which checks shapes, slices and dtypes before calling in here) and many tokens (the prefill path,
+:mod:`offloadkit.kernels.cpu_prefill`, reuses widened weights across tokens instead).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from offloadkit.kernels.cpu_core import FAST, dot2_t1, dot2_t2, dot2_t4, dot_t1, dot_t2, dot_t4, silu_mul
+
+#: Below this many weight bytes per pass a parallel launch costs more than it saves (measured: ~10 µs).
+PARALLEL_MIN_BYTES = 256 * 1024
+
+
+# ---- pass 1: gate and up ---------------------------------------------------------------------------
+
+
+@njit(**FAST)
+def gate_up_rows(x, w1, w3, r0, i0, i1, h):
+    """``h[t, i - r0] = silu(W1[i] · x[t]) * (W3[i] · x[t])`` for rows ``[i0, i1)``, all tokens."""
+    n = x.shape[0]
+    for i in range(i0, i1):
+        a = w1[i]
+        b = w3[i]
+        c = i - r0
+        t = 0
+        while n - t >= 4:
+            g0, g1, g2, g3, u0, u1, u2, u3 = dot2_t4(a, b, x[t], x[t + 1], x[t + 2], x[t + 3])
+            h[t, c] = silu_mul(g0, u0)
+            h[t + 1, c] = silu_mul(g1, u1)
+            h[t + 2, c] = silu_mul(g2, u2)
+            h[t + 3, c] = silu_mul(g3, u3)
+            t += 4
+        if n - t >= 2:
+            g0, g1, u0, u1 = dot2_t2(a, b, x[t], x[t + 1])
+            h[t, c] = silu_mul(g0, u0)
+            h[t + 1, c] = silu_mul(g1, u1)
+            t += 2
+        if n - t == 1:
+            g0, u0 = dot2_t1(a, b, x[t])
+            h[t, c] = silu_mul(g0, u0)
+
+
+@njit(parallel=True, **FAST)
+def gate_up_parallel(x, w1, w3, r0, r1, h, n_chunks):
+    m = r1 - r0
+    for c in prange(n_chunks):
+        gate_up_rows(x, w1, w3, r0, r0 + c * m // n_chunks, r0 + (c + 1) * m // n_chunks, h)
+
+
+# ---- pass 2: down (and any y = W x) -----------------------------------------------------------------
+
+
+@njit(**FAST)
+def rows_dot_range(v, w, c0, j0, j1, y, accumulate):
+    """``y[t, j] (+)= W[j, c0:c0 + K] · v[t]`` for output rows ``[j0, j1)``, ``v`` [n, K]."""
+    n, kk = v.shape
+    for j in range(j0, j1):
+        seg = w[j, c0:c0 + kk]
+        t = 0
+        while n - t >= 4:
+            s0, s1, s2, s3 = dot_t4(seg, v[t], v[t + 1], v[t + 2], v[t + 3])
+            if accumulate:
+                y[t, j] += s0
+                y[t + 1, j] += s1
+                y[t + 2, j] += s2
+                y[t + 3, j] += s3
+            else:
+                y[t, j] = s0
+                y[t + 1, j] = s1
+                y[t + 2, j] = s2
+                y[t + 3, j] = s3
+            t += 4
+        if n - t >= 2:
+            s0, s1 = dot_t2(seg, v[t], v[t + 1])
+            if accumulate:
+                y[t, j] += s0
+                y[t + 1, j] += s1
+            else:
+                y[t, j] = s0
+                y[t + 1, j] = s1
+            t += 2
+        if n - t == 1:
+            s0 = dot_t1(seg, v[t])
+            if accumulate:
+                y[t, j] += s0
+            else:
+                y[t, j] = s0
+
+
+@njit(parallel=True, **FAST)
+def rows_dot_parallel(v, w, c0, y, accumulate, n_chunks):
+    rows = w.shape[0]
+    for c in prange(n_chunks):
+        rows_dot_range(v, w, c0, c * rows // n_chunks, (c + 1) * rows // n_chunks, y, accumulate)
+
+
+# ---- entry points (arguments already checked by offloadkit.kernels.cpu) ------------------------------
+
+
+def _chunks(weight_bytes: int, rows: int) -> int:
+    """Parallel chunks for a pass over ``weight_bytes``: one per thread, or 0 (run serially)."""
+    if weight_bytes < PARALLEL_MIN_BYTES:
+        return 0
+    return max(1, min(numba.get_num_threads(), rows))
+
+
+def gate_up(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, r0: int, r1: int, h: np.ndarray) -> None:
+    """Pass 1 into ``h`` [n, r1 - r0] f32."""
+    chunks = _chunks(2 * (r1 - r0) * w1.shape[1] * w1.itemsize, r1 - r0)
+    if chunks:
+        gate_up_parallel(x, w1, w3, r0, r1, h, chunks)
+    else:
+        gate_up_rows(x, w1, w3, r0, r0, r1, h)
+
+
+def rows_dot(v: np.ndarray, w: np.ndarray, c0: int, y: np.ndarray, accumulate: bool) -> None:
+    """Pass 2: ``y[:, j] (+)= W[j, c0:c0 + v.shape[1]] · v`` for every row ``j`` of ``w``."""
+    chunks = _chunks(w.shape[0] * v.shape[1] * w.itemsize, w.shape[0])
+    if chunks:
+        rows_dot_parallel(v, w, c0, y, accumulate, chunks)
+    else:
+        rows_dot_range(v, w, c0, 0, w.shape[0], y, accumulate)
+
+
+def expert_decode(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, r0: int, r1: int,
+                  out: np.ndarray) -> None:
+    """``out += W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H] f32."""
+    h = np.empty((x.shape[0], r1 - r0), dtype=np.float32)
+    gate_up(x, w1, w3, r0, r1, h)
+    rows_dot(h, w2, r0, out, True)
+
+
+__all__ = ["PARALLEL_MIN_BYTES", "expert_decode", "gate_up", "rows_dot"]

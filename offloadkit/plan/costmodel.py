@@ -1,0 +1,157 @@
+"""The cost model: how long one task takes on one lane of a machine described by a hardware profile.
+
+DESIGN.md section 4. Every task is priced with a roofline,
+
+    t = overhead(lane) + max(bytes / bandwidth(lane), flops / flop_rate(lane, dtype))
+
+using the bandwidths, FLOP rates and per-call overheads of a :class:`~offloadkit.hardware.profile.HardwareProfile`.
+Where the profile carries a *measured curve* for a kind of work (CPU expert / matmul time as a
+function of tokens, measured by ``offloadkit profile``), the curve replaces the roofline.
+
+The partitioner, token assignment (inside the decode loop) and the simulator all call it, so it is
+built to be cheap: :class:`CostModel` resolves everything a profile and a model imply once, in its
+constructor, into plain float attributes; each ``*_s`` method is a few float operations, with no numpy,
+no dict lookups by dtype and no allocation per call.
+
+What it refuses: pricing a GPU task on a profile without a GPU, or a copy without a link (it raises
+:class:`~offloadkit.errors.PlanError`); and it does not model caches, NUMA, thermal clocks, or the
+overlap of compute and memory traffic inside one kernel (the roofline takes the max, not the sum).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from offloadkit.errors import PlanError
+from offloadkit.model.spec import DTYPE_BYTES, ModelSpec
+
+if TYPE_CHECKING:
+    from offloadkit.hardware.profile import HardwareProfile
+
+#: Bytes per activation element: activations are computed and moved in f32 (the reference computes in f32).
+ACT_BYTES = 4
+
+#: The measured curve the cost model reads for CPU matmuls, by weight dtype (``profile.curves`` keys, as
+#: ``offloadkit profile`` writes them). f16 weights are widened like bf16 ones, so they share its curve.
+CPU_CURVE_KEYS: dict[str, str] = {"float32": "cpu_expert_f32", "bfloat16": "cpu_expert_bf16",
+                                  "float16": "cpu_expert_bf16"}
+
+
+class CostModel:
+    """Seconds per task for one (hardware profile, model) pair; see the module docstring.
+
+    ``pinned`` selects the link's pinned or pageable bandwidth for copies that do not say.
+    """
+
+    def __init__(self, profile: HardwareProfile, spec: ModelSpec, *, pinned: bool = True) -> None:
+        self.profile_name: str = profile.name
+        self.dtype = spec.dtype
+        self.weight_bytes = float(DTYPE_BYTES[spec.dtype])
+        cpu = profile.cpu
+        self.cpu_bw = float(cpu.dram_bandwidth_gbps) * 1e9
+        self.cpu_rate = cpu.flop_rate(spec.dtype)
+        self.cpu_overhead = float(cpu.call_overhead_us) * 1e-6
+        curves = getattr(profile, "curves", None) or {}
+        self.cpu_curve = curves.get(CPU_CURVE_KEYS[spec.dtype])
+        gpu, link = profile.gpu, profile.link
+        self.has_gpu = gpu is not None and link is not None
+        if self.has_gpu:
+            self.gpu_bw = float(gpu.memory_bandwidth_gbps) * 1e9
+            self.gpu_rate = gpu.flop_rate(spec.dtype)
+            self.gpu_overhead = float(gpu.launch_overhead_us) * 1e-6
+            self.link_latency = float(link.latency_us) * 1e-6
+            self.h2d_pinned, self.h2d_pageable = link.bandwidth("h2d", True), link.bandwidth("h2d", False)
+            self.d2h_pinned, self.d2h_pageable = link.bandwidth("d2h", True), link.bandwidth("d2h", False)
+        else:
+            self.gpu_bw = self.gpu_rate = self.gpu_overhead = 0.0
+            self.link_latency = self.h2d_pinned = self.h2d_pageable = self.d2h_pinned = self.d2h_pageable = 0.0
+        self.pinned = pinned
+        # Attention constants of the model: KV bytes per position per layer (spec dtype, K and V),
+        # FLOPs per visible (query, key) pair (QK^T and PV: 2 * 2 * heads * head_dim).
+        self.kv_bytes_per_pos = 2.0 * spec.n_kv_heads * spec.head_dim * self.weight_bytes
+        self.attn_flops_per_pair = 4.0 * spec.n_heads * spec.head_dim
+        self.attn_act_bytes_per_token = 2.0 * spec.n_heads * spec.head_dim * ACT_BYTES
+        self.sliding_window = spec.sliding_window
+
+    # ---- the roofline --------------------------------------------------------------------------------
+
+    def _need_gpu(self) -> None:
+        if not self.has_gpu:
+            raise PlanError(f"profile {self.profile_name!r} has no GPU (or no link): a plan that uses the GPU "
+                            f"cannot run on it; pick a plan like all-cpu or a profile with a GPU")
+
+    def roofline_s(self, lane: str, bytes_: float, flops: float, launches: int = 1) -> float:
+        """``overhead * launches + max(bytes / bandwidth, flops / flop_rate)`` on ``cpu`` or ``gpu``."""
+        if lane == "cpu":
+            return self.cpu_overhead * launches + max(bytes_ / self.cpu_bw, flops / self.cpu_rate)
+        if lane == "gpu":
+            if not self.has_gpu:
+                self._need_gpu()
+            return self.gpu_overhead * launches + max(bytes_ / self.gpu_bw, flops / self.gpu_rate)
+        raise PlanError(f"no compute on lane {lane!r}: compute runs on 'cpu' or 'gpu'")
+
+    # ---- task kinds -------------------------------------------------------------------------------------
+
+    def matmul_s(self, lane: str, params: int, tokens: int, act_bytes: float = 0.0, launches: int = 1) -> float:
+        """A weight slice of ``params`` parameters applied to ``tokens`` tokens (an expert, QKV, lm_head...).
+
+        Reads the weights once (``params * weight bytes``) plus ``act_bytes`` of activations; does
+        ``2 * params * tokens`` FLOPs. On the CPU a measured curve, where the profile has one, replaces this.
+        """
+        if lane == "cpu" and self.cpu_curve is not None:
+            return self.cpu_curve.time_s(tokens, params)
+        return self.roofline_s(lane, params * self.weight_bytes + act_bytes, 2.0 * params * tokens, launches)
+
+    def copy_s(self, direction: str, bytes_: float, pinned: bool | None = None) -> float:
+        """A PCIe copy of ``bytes_`` host->device (``h2d``) or device->host (``d2h``): latency + bytes / bandwidth."""
+        if not self.has_gpu:
+            self._need_gpu()
+        pin = self.pinned if pinned is None else pinned
+        if direction == "h2d":
+            bw = self.h2d_pinned if pin else self.h2d_pageable
+        elif direction == "d2h":
+            bw = self.d2h_pinned if pin else self.d2h_pageable
+        else:
+            raise PlanError(f"a copy goes 'h2d' or 'd2h', not {direction!r}")
+        return self.link_latency + bytes_ / bw
+
+    def attention_pairs(self, tokens: int, past: int) -> int:
+        """Visible (query, key) pairs of ``tokens`` new queries after ``past`` cached positions (causal)."""
+        w = self.sliding_window
+        if w is None:
+            return tokens * past + tokens * (tokens + 1) // 2
+        return sum(min(past + i + 1, w) for i in range(tokens))
+
+    def attention_cost(self, tokens: int, past: int, batch: int = 1) -> tuple[float, float]:
+        """(bytes, flops) of one layer's attention core: read the KV cache once, softmax over visible keys."""
+        kv_len = past + tokens
+        if self.sliding_window is not None:
+            kv_len = min(kv_len, self.sliding_window + tokens)
+        bytes_ = batch * (kv_len * self.kv_bytes_per_pos + tokens * self.attn_act_bytes_per_token)
+        return bytes_, batch * self.attn_flops_per_pair * self.attention_pairs(tokens, past)
+
+    def attention_s(self, lane: str, tokens: int, past: int, batch: int = 1, launches: int = 1) -> float:
+        """The attention core (QK^T, softmax, PV) of one layer on the lane that holds its KV cache."""
+        bytes_, flops = self.attention_cost(tokens, past, batch)
+        return self.roofline_s(lane, bytes_, flops, launches)
+
+    def small_op_s(self, lane: str, bytes_: float, flops: float = 0.0, launches: int = 1) -> float:
+        """Norms, the router's softmax, residual adds, embedding lookups: usually pure overhead."""
+        return self.roofline_s(lane, bytes_, flops, launches)
+
+    def norm_s(self, lane: str, tokens: int, hidden: int, launches: int = 1) -> float:
+        """A fused residual add + RMS/LayerNorm over ``tokens`` rows of width ``hidden``."""
+        return self.roofline_s(lane, 4.0 * tokens * hidden * ACT_BYTES, 6.0 * tokens * hidden, launches)
+
+    def describe(self) -> dict[str, float]:
+        """The resolved constants (bytes/s, FLOP/s, s), for tables and notebooks."""
+        out = {"cpu_bw": self.cpu_bw, "cpu_flops": self.cpu_rate, "cpu_overhead_s": self.cpu_overhead}
+        if self.has_gpu:
+            out |= {"gpu_bw": self.gpu_bw, "gpu_flops": self.gpu_rate, "gpu_overhead_s": self.gpu_overhead,
+                    "h2d_bw": self.h2d_pinned if self.pinned else self.h2d_pageable,
+                    "d2h_bw": self.d2h_pinned if self.pinned else self.d2h_pageable,
+                    "link_latency_s": self.link_latency}
+        return out
+
+
+__all__ = ["ACT_BYTES", "CPU_CURVE_KEYS", "CostModel"]

@@ -1,0 +1,263 @@
+"""Build the task graph of one inference step from a model spec, a plan and the step's routing.
+
+A step (the prefill, or one decode step) runs the model's layers in order. For each block the plan
+says how many rows are GG (GPU, resident), CG (GPU, weights copied on ``h2d`` first) and CC (CPU)
+(:func:`~offloadkit.plan.plans.split_rows`), and the builder emits one compute task per non-empty
+slice, priced by the :class:`~offloadkit.plan.costmodel.CostModel`:
+
+    embed -> per layer: attn_norm, attn_qkv, attention (where the KV cache is), attn_o, ffn_norm,
+             router, one task per expert with tokens (or the dense ffn), shared expert + gate (Qwen)
+          -> final_norm, lm_head (last position of each sequence) -> logits back on the CPU
+
+Norms fuse the previous residual add (``h + attn_out``, ``h + ffn_out``), as fast engines do.
+Data movement is derived, not declared: every value (``"L3.xf"``, ``"L3.y"``...) remembers on which
+device its parts were written, and a task that needs it on the other device gets an ``activation``
+copy on ``h2d``/``d2h`` first (one per part and device, reused by later readers). Partial results of
+slices (``ao``, ``y``: summed; ``qkv``, ``logits``: concatenated) keep one part per device.
+
+Weight copies of CG slices wait for a free staging buffer: with ``plan.staging_buffers = k`` the
+``i``-th copy waits until the compute that used copy ``i - k`` has finished (k = 1: no overlap of a
+copy with the compute of the previous streamed slice, as llama.cpp's op offload).
+
+It refuses nothing on its own: plans are checked by ``check_fits``; the graph is valid by construction
+(tasks only depend on earlier tasks). ``on_task`` lets an executor run each task as it is issued,
+and ``counts(layer)`` is asked for the routing *after* the layer's router task was issued, so a
+numerics executor can answer with the router's real choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from offloadkit.model.spec import Block, ModelSpec
+from offloadkit.plan.costmodel import ACT_BYTES, CostModel
+from offloadkit.plan.plans import Plan, head_block, split_rows
+from offloadkit.runtime.tasks import WRITES_ON, Task, TaskGraph
+
+#: Kernel launches (GPU) or calls (CPU) per task kind: each pays the lane's overhead.
+LAUNCHES = {"embed": 1, "attn_norm": 1, "attn_qkv": 3, "attention": 3, "attn_o": 1, "ffn_norm": 1, "router": 2,
+            "expert": 3, "shared_expert": 3, "shared_gate": 2, "ffn": 3, "final_norm": 1, "lm_head": 1}
+DEVICE_LANE = {"cpu": "cpu", "gpu": "gpu"}
+COPY_LANE = {"gpu": "h2d", "cpu": "d2h"}  # lane of a copy *to* this device
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One step: ``tokens`` new tokens per sequence after ``past`` cached positions, ``batch`` sequences."""
+
+    step: int
+    tokens: int
+    past: int
+    batch: int = 1
+
+    @property
+    def n(self) -> int:
+        return self.tokens * self.batch
+
+
+class _Part:
+    """The slice of a value written on one device (several writers accumulate into it)."""
+
+    __slots__ = ("name", "device", "nbytes", "producers", "copies")
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name, self.device, self.nbytes = name, device, 0
+        self.producers: list[int] = []
+        self.copies: dict[str, int] = {}
+
+
+def layer_blocks(spec: ModelSpec) -> list[dict[str, Block | list[Block]]]:
+    """Per layer: block kind -> block (``"expert"`` -> the list of experts)."""
+    out: list[dict[str, Block | list[Block]]] = []
+    for layer in range(spec.n_layers):
+        d: dict[str, Block | list[Block]] = {"expert": []}
+        for b in spec.layer_blocks(layer):
+            if b.kind == "expert":
+                d["expert"].append(b)  # type: ignore[union-attr]
+            else:
+                d[b.kind] = b
+        out.append(d)
+    return out
+
+
+class StepBuilder:
+    """Emits one step's tasks into ``graph``; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
+                 on_task: Callable[[Task], None] | None = None,
+                 blocks: list[dict[str, Block | list[Block]]] | None = None) -> None:
+        self.spec, self.plan, self.cost, self.shape, self.on_task = spec, plan, cost, shape, on_task
+        self.blocks = blocks if blocks is not None else layer_blocks(spec)
+        self.graph = TaskGraph()
+        self.values: dict[str, dict[str, _Part]] = {}
+        self.weight_users: list[int] = []
+        self._head = {b.kind: b for b in spec.blocks() if b.layer is None}
+
+    # ---- primitives ---------------------------------------------------------------------------------
+
+    def emit(self, lane: str, kind: str, name: str, dur: float, *, layer: int | None = None, bytes_: float = 0,
+             flops: float = 0, deps: Sequence[int] = (), reads: Sequence[str] = (), expert: int | None = None,
+             rows: tuple[int, int] | None = None, out: Sequence[tuple[str, float, bool]] = ()) -> int:
+        """Append a task; ``out`` = (value, bytes, concatenated?) it writes on its lane's device."""
+        tid = len(self.graph.tasks)
+        device = WRITES_ON[lane]
+        writes = []
+        for value, nbytes, cat in out:
+            parts = self.values.setdefault(value, {})
+            part = parts.get(device)
+            if part is None:
+                part = parts[device] = _Part(f"{value}@{device}", device)
+            part.producers.append(tid)
+            part.nbytes = part.nbytes + int(nbytes) if cat else max(part.nbytes, int(nbytes))
+            writes.append(part.name)
+        task = Task(tid, lane, kind, name, layer, int(bytes_), int(flops), tuple(dict.fromkeys(deps)), dur, expert,
+                    rows, tuple(reads), tuple(writes))
+        self.graph.append(task)
+        if self.on_task is not None:
+            self.on_task(task)
+        return tid
+
+    def need(self, values: Sequence[str], device: str, layer: int | None) -> tuple[list[int], list[str]]:
+        """Dependencies and part names that make ``values`` present on ``device`` (emitting copies)."""
+        deps: list[int] = []
+        reads: list[str] = []
+        for value in values:
+            for part in self.values.get(value, {}).values():
+                if part.device == device:
+                    deps.extend(part.producers)
+                else:
+                    cid = part.copies.get(device)
+                    if cid is None:
+                        lane = COPY_LANE[device]
+                        cid = self.emit(lane, "activation", f"{part.name}>{device}",
+                                        self.cost.copy_s(lane, part.nbytes), layer=layer, bytes_=part.nbytes,
+                                        deps=part.producers, reads=(part.name,))
+                        self.graph.tasks[cid].writes = (part.name,)
+                        part.copies[device] = cid
+                    deps.append(cid)
+                reads.append(part.name)
+        return deps, reads
+
+    def device_of(self, block: Block) -> str:
+        return "gpu" if self.plan.resident(block) else "cpu"
+
+    # ---- blocks -------------------------------------------------------------------------------------
+
+    def small(self, block: Block, kind: str, name: str, ins: Sequence[str], outs: Sequence[tuple[str, float]],
+              bytes_: float, flops: float, norm: bool = False) -> int:
+        """An unsplit block (norm, router, gate, embedding) on the device that holds it."""
+        dev = self.device_of(block)
+        deps, reads = self.need(ins, dev, block.layer)
+        if norm:
+            dur = self.cost.norm_s(dev, self.shape.n, self.spec.hidden_size, LAUNCHES[kind])
+        else:
+            dur = self.cost.roofline_s(dev, bytes_, flops, LAUNCHES[kind])
+        return self.emit(dev, kind, name, dur, layer=block.layer, bytes_=bytes_, flops=flops, deps=deps,
+                         reads=reads, out=[(v, b, False) for v, b in outs])
+
+    def split_block(self, block: Block, kind: str, name: str, tokens: int, ins: Sequence[str], out: str,
+                    out_bytes_per_row: float, cat: bool, act_bytes: float, expert: int | None = None) -> None:
+        """A row-splittable block (QKV, O, expert, FFN, lm_head) as its GG / CG / CC slices."""
+        # llama.cpp decides op offload per op by its batch: all experts of a layer are one op over every
+        # token of the step; lm_head sees one position per sequence. Token assignment will refine this.
+        gg, cg, cc = split_rows(self.plan, block, self.shape.n if kind == "expert" else tokens)
+        per_row = block.params / block.rows
+        pieces = [(p, r0, r0 + size) for p, r0, size in (("gg", 0, gg), ("cg", gg, cg), ("cc", gg + cg, cc)) if size]
+        for piece, r0, r1 in pieces:
+            dev = "cpu" if piece == "cc" else "gpu"
+            pname = name if len(pieces) == 1 else f"{name}.{piece}"
+            deps, reads = self.need(ins, dev, block.layer)
+            if piece == "cg":
+                deps.append(self.stream_weights(block, pname, r1 - r0))
+                reads.append(f"W:{pname}")
+            params = int(per_row * (r1 - r0))
+            bytes_ = params * self.cost.weight_bytes + act_bytes
+            dur = self.cost.matmul_s(dev, params, tokens, act_bytes, LAUNCHES[kind])
+            out_bytes = out_bytes_per_row * (r1 - r0) if cat else out_bytes_per_row
+            tid = self.emit(dev, kind, pname, dur, layer=block.layer, bytes_=bytes_, flops=2 * params * tokens,
+                            deps=deps, reads=reads, expert=expert, rows=(r0, r1), out=[(out, out_bytes, cat)])
+            if piece == "cg":
+                self.weight_users.append(tid)
+
+    def stream_weights(self, block: Block, pname: str, rows: int) -> int:
+        """The h2d copy of a CG slice's weights, waiting for a free staging buffer."""
+        nbytes = self.spec.bytes_of(block.params) * rows // block.rows
+        k = self.plan.staging_buffers
+        deps = [self.weight_users[-k]] if len(self.weight_users) >= k else []
+        tid = self.emit("h2d", "weights", f"{pname}.w", self.cost.copy_s("h2d", nbytes, self.plan.pinned),
+                        layer=block.layer, bytes_=nbytes, deps=deps, expert=block.expert)
+        self.graph.tasks[tid].writes = (f"W:{pname}",)
+        return tid
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def build(self, counts: Callable[[int], Sequence[int]]) -> TaskGraph:
+        s, n, a = self.spec, self.shape.n, ACT_BYTES
+        h = s.hidden_size
+        self.values["ids"] = {"cpu": _Part("ids@cpu", "cpu")}
+        self.values["ids"]["cpu"].nbytes = 8 * n
+        embed = self._head["embed"]
+        self.small(embed, "embed", "embed", ["ids"], [("h", n * h * a)], n * h * (self.cost.weight_bytes + a), 0)
+        resid, delta = "h", None
+        for layer in range(s.n_layers):
+            resid, delta = self.layer(layer, resid, delta, counts)
+        self.small(self._head["final_norm"], "final_norm", "final_norm", [resid, delta],
+                   [("xo", self.shape.batch * h * a)], 0, 0, norm=True)
+        head = head_block(s)
+        b = self.shape.batch
+        self.split_block(head, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True, b * (h + s.vocab_size) * a)
+        self.need(["logits"], "cpu", None)  # sampling happens on the host
+        return self.graph
+
+    def layer(self, layer: int, resid: str, delta: str | None,
+              counts: Callable[[int], Sequence[int]]) -> tuple[str, str]:
+        s, sh, a = self.spec, self.shape, ACT_BYTES
+        n, h, L = sh.n, s.hidden_size, f"L{layer}"
+        b = self.blocks[layer]
+        ins = [resid] if delta is None else [resid, delta]
+        self.small(b["attn_norm"], "attn_norm", f"{L}.attn_norm", ins, [(f"{L}.h", n * h * a), (f"{L}.xa", n * h * a)],
+                   0, 0, norm=True)
+        qkv: Block = b["attn_qkv"]  # type: ignore[assignment]
+        self.split_block(qkv, "attn_qkv", f"{L}.attn_qkv", n, [f"{L}.xa"], f"{L}.qkv", n * a, True,
+                         n * (h + qkv.rows) * a)
+        dev = "gpu" if self.plan.kv_on_gpu[layer] else "cpu"
+        deps, reads = self.need([f"{L}.qkv"], dev, layer)
+        bytes_, flops = self.cost.attention_cost(sh.tokens, sh.past, sh.batch)
+        q_out = s.n_heads * s.head_dim
+        self.emit(dev, "attention", f"{L}.attention", self.cost.roofline_s(dev, bytes_, flops, LAUNCHES["attention"]),
+                  layer=layer, bytes_=bytes_, flops=flops, deps=deps, reads=reads,
+                  out=[(f"{L}.o", n * q_out * a, False)])
+        self.split_block(b["attn_o"], "attn_o", f"{L}.attn_o", n, [f"{L}.o"], f"{L}.ao", n * h * a, False,  # type: ignore[arg-type]
+                         n * (q_out + h) * a)
+        self.small(b["ffn_norm"], "ffn_norm", f"{L}.ffn_norm", [f"{L}.h", f"{L}.ao"],
+                   [(f"{L}.hm", n * h * a), (f"{L}.xf", n * h * a)], 0, 0, norm=True)
+        y = f"{L}.y"
+        if not s.is_moe_layer(layer):
+            self.split_block(b["ffn"], "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a)  # type: ignore[arg-type]
+            return f"{L}.hm", y
+        router: Block = b["router"]  # type: ignore[assignment]
+        self.small(router, "router", f"{L}.router", [f"{L}.xf"], [(f"{L}.route", n * s.top_k * 12)],
+                   router.params * self.cost.weight_bytes + n * h * a, 2 * n * router.params)
+        for e, c in enumerate(counts(layer)):
+            if c:
+                self.split_block(b["expert"][e], "expert", f"{L}.expert{e}", int(c), [f"{L}.xf", f"{L}.route"], y,  # type: ignore[index]
+                                 n * h * a, False, 2 * int(c) * h * a, expert=e)
+        if "shared_expert" in b:
+            self.split_block(b["shared_expert"], "shared_expert", f"{L}.shared_expert", n, [f"{L}.xf"], f"{L}.s",  # type: ignore[arg-type]
+                             n * h * a, False, 2 * n * h * a)
+            gate: Block = b["shared_gate"]  # type: ignore[assignment]
+            self.small(gate, "shared_gate", f"{L}.shared_gate", [f"{L}.xf", f"{L}.s"], [(y, n * h * a)],
+                       gate.params * self.cost.weight_bytes + 2 * n * h * a, 2 * n * gate.params + 2 * n * h)
+        return f"{L}.hm", y
+
+
+def build_step(spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
+               counts: Callable[[int], Sequence[int]] | Sequence[Sequence[int]],
+               on_task: Callable[[Task], None] | None = None) -> TaskGraph:
+    """The task graph of one step; ``counts`` is ``layer -> tokens per expert`` or a [layers][experts] table."""
+    fn = counts if callable(counts) else (lambda layer: counts[layer])  # type: ignore[index]
+    return StepBuilder(spec, plan, cost, shape, on_task).build(fn)
+
+
+__all__ = ["LAUNCHES", "StepBuilder", "StepShape", "build_step", "layer_blocks"]

@@ -1,0 +1,155 @@
+"""The CPU expert kernels: partials over any split equal the reference expert, for every dtype and path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offloadkit.errors import OffloadkitError
+from offloadkit.kernels.cpu import ExpertWeights, KernelInputError, expert_rows, expert_rows_torch, linear
+from offloadkit.kernels.cpu_core import storage_view, to_float32
+from offloadkit.kernels.cpu_lane import compare_lane_ops, rms_norm
+from offloadkit.kernels.cpu_stream import machine_label, read_gbps, stream_read
+from offloadkit.model.moe import swiglu
+from offloadkit.model.reference import rms_norm as torch_rms_norm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_expert(hidden: int, inter: int, dtype: str, seed: int) -> tuple[list[torch.Tensor], ExpertWeights]:
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=g).mul(0.3).to(DTYPES[dtype]) for s in ((inter, hidden), (inter, hidden),
+                                                                          (hidden, inter))]
+    return ws, ExpertWeights.from_torch(*ws)
+
+
+def reference(x: np.ndarray, ws: list[torch.Tensor], rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The reference expert on the same widened weights, in f64."""
+    return swiglu(torch.from_numpy(x).double(), *(w.double() for w in ws), rows=rows).numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def split_sum(x: np.ndarray, ew: ExpertWeights, cuts: list[int], path: str) -> np.ndarray:
+    """Partials over the split of [0, I) at ``cuts``, summed by accumulating into one ``out``."""
+    out = np.zeros((x.shape[0], ew.hidden), dtype=np.float32)
+    bounds = [0, *sorted(cuts), ew.intermediate]
+    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+        expert_rows(x, ew, (r0, r1), out=out, path=path)
+    return out
+
+
+# ---- numerics ----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hidden=st.integers(1, 48), inter=st.integers(1, 72), tokens=st.integers(0, 11),
+       dtype=st.sampled_from(sorted(DTYPES)), path=st.sampled_from(["auto", "decode", "prefill"]),
+       data=st.data())
+def test_partials_over_any_split_sum_to_the_reference(hidden, inter, tokens, dtype, path, data) -> None:
+    ws, ew = make_expert(hidden, inter, dtype, seed=hidden * 1000 + inter)
+    cuts = data.draw(st.lists(st.integers(0, inter), max_size=4), label="cuts")
+    x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)
+    got = split_sum(x, ew, cuts, path)
+    assert got.shape == (tokens, hidden) and got.dtype == np.float32
+    if tokens == 0:
+        return
+    assert rel_err(got, reference(x, ws)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
+def test_parallel_and_blocked_paths_on_a_larger_expert(dtype: str, tokens: int) -> None:
+    # large enough for the parallel decode passes (> 256 KB per pass) and several prefill blocks
+    ws, ew = make_expert(256, 608, dtype, seed=7)
+    x = np.random.default_rng(0).standard_normal((tokens, 256)).astype(np.float32)
+    want = reference(x, ws)
+    for path in ("decode", "prefill"):
+        assert rel_err(split_sum(x, ew, [100, 357], path), want) <= 1e-5
+        assert rel_err(expert_rows(x, ew, (64, 600), path=path), reference(x, ws, (64, 600))) <= 1e-5
+
+
+def test_empty_slices_and_zero_tokens_give_zeros() -> None:
+    _, ew = make_expert(8, 16, "bfloat16", seed=0)
+    x = np.ones((3, 8), np.float32)
+    assert not expert_rows(x, ew, (5, 5)).any()
+    assert expert_rows(np.zeros((0, 8), np.float32), ew).shape == (0, 8)
+    out = np.full((3, 8), 2.0, np.float32)
+    assert (expert_rows(x, ew, (16, 16), out=out) == 2.0).all()  # out left as it was
+
+
+def test_torch_entry_point_and_linear() -> None:
+    ws, ew = make_expert(16, 24, "float16", seed=3)
+    x = torch.randn(2, 16)
+    y = expert_rows_torch(x, ew, (4, 20))
+    assert isinstance(y, torch.Tensor) and rel_err(y.numpy(), reference(x.numpy(), ws, (4, 20))) <= 1e-5
+    w = torch.randn(600, 300).bfloat16()
+    arr, dtype = storage_view(w)
+    assert dtype == "bfloat16" and np.shares_memory(arr, w.view(torch.int16).numpy())
+    for n in (0, 1, 5, 12):
+        xs = np.random.default_rng(n).standard_normal((n, 300)).astype(np.float32)
+        want = xs.astype(np.float64) @ to_float32(arr).T.astype(np.float64)
+        assert rel_err(linear(xs, arr), want) <= 1e-5 if n else linear(xs, arr).shape == (0, 600)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_slices_activations_and_weights_are_refused_with_reasons() -> None:
+    ws, ew = make_expert(8, 16, "float32", seed=0)
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(KernelInputError, match=r"r0 > r1"):
+        expert_rows(x, ew, (9, 3))
+    with pytest.raises(KernelInputError, match=r"outside the intermediate dimension \[0, 16\)"):
+        expert_rows(x, ew, (4, 17))
+    with pytest.raises(KernelInputError, match=r"outside"):
+        expert_rows(x, ew, (-1, 3))
+    with pytest.raises(KernelInputError, match=r"expected \[tokens, 8\]"):
+        expert_rows(np.ones((2, 9), np.float32), ew)
+    with pytest.raises(KernelInputError, match=r"float64; the CPU kernels take float32"):
+        expert_rows(np.ones((2, 8)), ew)
+    with pytest.raises(KernelInputError, match=r"torch.bfloat16; the CPU kernels take float32"):
+        expert_rows(torch.ones(2, 8, dtype=torch.bfloat16), ew)
+    with pytest.raises(KernelInputError, match=r"out must be .* shape \(2, 8\)"):
+        expert_rows(x, ew, out=np.zeros((2, 7), np.float32))
+    with pytest.raises(KernelInputError, match=r"path must be one of"):
+        expert_rows(x, ew, path="fast")
+    with pytest.raises(KernelInputError, match=r"not contiguous .* w.contiguous\(\)"):
+        ExpertWeights.from_torch(ws[0], ws[1], ws[0].T)
+    with pytest.raises(KernelInputError, match=r"mix dtypes"):
+        ExpertWeights.from_torch(ws[0], ws[1].bfloat16(), ws[2])
+    with pytest.raises(KernelInputError, match=r"do not form a SwiGLU expert"):
+        ExpertWeights.from_torch(ws[0], ws[1], ws[2][:, :8].contiguous())
+    with pytest.raises(KernelInputError, match=r"quantized formats are out of scope"):
+        ExpertWeights.from_torch(*(w.to(torch.int8) for w in ws))
+    assert issubclass(KernelInputError, OffloadkitError)
+
+
+# ---- the lane ops and the read ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_rms_norm_matches_the_reference(tokens: int) -> None:
+    x = torch.randn(tokens, 2048)
+    w = torch.rand(2048) + 0.5
+    assert rel_err(rms_norm(x.numpy(), w.numpy(), 1e-5), torch_rms_norm(x.double(), w.double(), 1e-5).numpy()) < 1e-5
+
+
+def test_lane_op_comparison_is_measured() -> None:
+    rows = compare_lane_ops(hidden=64, tokens=(1,), repeats=2)
+    assert {r["op"] for r in rows} == {"rms_norm", "layer_norm (torch only)"}
+    assert all(r["torch_s"] > 0 for r in rows)
+
+
+def test_stream_read_reads_every_byte() -> None:
+    a = np.random.default_rng(0).integers(0, 2**63, size=1001, dtype=np.uint64)
+    b = np.arange(12, dtype=np.uint16)
+    want = int(np.bitwise_xor.reduce(a)) ^ int(np.bitwise_xor.reduce(b[:12].view(np.uint64)))
+    assert stream_read([a, b]) == want
+    assert read_gbps([a], repeats=1) > 0
+    assert "threads" in machine_label()

@@ -1,0 +1,106 @@
+"""The machine probe: the profile it builds from measurements (CPU-only and with a fake GPU), its refusals,
+and a real ``offloadkit profile --quick`` on this machine that writes a file the loader accepts."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from offloadkit import ProfileError
+from offloadkit.hardware import load_profile, profile_to_toml, save_profile
+from offloadkit.hardware.catalog import read_profile
+from offloadkit.hardware.probe import best_time, build_profile, default_name, peak_tflops, stream_sum
+from offloadkit.hardware.probe_cuda import parse_link_query
+
+TOKENS = [1, 2, 4, 8]
+
+
+def fake_measurements(gpu: bool) -> dict:
+    m = {"quick": False, "elapsed_s": 42.0,
+         "cpu": {"name": "Fake CPU 9000", "cores": 8, "dram_bandwidth_gbps": 40.5, "flops_f32_tflops": 0.4,
+                 "flops_bf16_tflops": 0.3, "call_overhead_us": 6.5},
+         "gpu": None, "link": None,
+         "curves": {"cpu_expert_bf16": {"tokens": TOKENS, "seconds": [0.01, 0.011, 0.013, 0.02], "params": 10**7,
+                                        "method": "a fake kernel"}},
+         "methods": {"cpu.dram_bandwidth_gbps": "Numba parallel sum over 512 MiB"}}
+    if gpu:  # the shape probe_cuda.measure_cuda produces on a CUDA machine
+        m["gpu"] = {"name": "NVIDIA GeForce RTX 4090", "memory_bandwidth_gbps": 905.1, "flops_f32_tflops": 58.0,
+                    "flops_bf16_tflops": 150.2, "flops_f16_tflops": 151.0, "launch_overhead_us": 4.2,
+                    "memory_gib": 23.99, "usable_memory_gib": 22.8}
+        m["link"] = {"name": "PCIe 4.0 x16", "h2d_pinned_gbps": 24.6, "h2d_pageable_gbps": 9.1,
+                     "d2h_pinned_gbps": 26.3, "d2h_pageable_gbps": 7.7, "latency_us": 8.8}
+        m["curves"]["gpu_matmul_bf16"] = {"tokens": TOKENS, "seconds": [1e-4, 1e-4, 1.1e-4, 1.2e-4],
+                                          "params": 14336 * 4096, "method": "torch F.linear in bf16"}
+        m["methods"]["gpu.memory_bandwidth_gbps"] = "device copy of 1024 MiB"
+    return m
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_build_profile_from_measurements_round_trips(tmp_path, gpu):
+    p = build_profile(fake_measurements(gpu), name="measured-testbox", date="2026-01-02")
+    assert p.cpu.dram_bandwidth_gbps == 40.5 and p.cpu.cores == 8
+    assert (p.gpu is not None) == gpu and (p.link is not None) == gpu
+    for dotted in [*p.figures(), *(f"curves.{k}" for k in p.curves)]:
+        assert p.sources[dotted].startswith("measured by offloadkit profile on 2026-01-02"), dotted
+    assert p.sources["cpu.dram_bandwidth_gbps"].endswith("Numba parallel sum over 512 MiB")
+    curve = p.curves["cpu_expert_bf16"]
+    assert curve.time_s(4, 10**7) == pytest.approx(0.013) and curve.time_s(2, 5 * 10**6) == pytest.approx(0.0055)
+    path = save_profile(p, tmp_path / "measured-testbox.toml")
+    assert load_profile(path) == p
+    if gpu:
+        text = profile_to_toml(p)
+        assert "[gpu]" in text and "[link]" in text and "[curves.gpu_matmul_bf16]" in text
+        assert p.link.bandwidth("h2d", pinned=False) == pytest.approx(9.1e9)
+        assert "RTX 4090 on PCIe 4.0 x16" in p.description
+
+
+def test_a_measured_profile_is_accepted_into_the_catalog_folder(tmp_path, monkeypatch):
+    """Measured files carry a source for every figure, so they satisfy the catalog's stricter rule too."""
+    p = build_profile(fake_measurements(True), name="measured-testbox", date="2026-01-02")
+    (tmp_path / "hardware").mkdir()
+    save_profile(p, tmp_path / "hardware" / "measured-testbox.toml")
+    monkeypatch.setenv("OFFLOADKIT_DATA", str(tmp_path))
+    assert load_profile("measured-testbox") == p
+
+
+@pytest.mark.parametrize("key, value", [("dram_bandwidth_gbps", 0.0), ("flops_f32_tflops", -1.0),
+                                        ("flops_bf16_tflops", float("nan"))])
+def test_build_profile_refuses_bad_measurements(key, value):
+    m = fake_measurements(False)
+    m["cpu"][key] = value
+    with pytest.raises(ProfileError, match=f"cpu.{key}"):
+        build_profile(m)
+
+
+def test_helpers():
+    assert default_name().startswith("measured-") and " " not in default_name()
+    assert parse_link_query("4, 16\n") == "PCIe 4.0 x16"
+    assert parse_link_query("3, 8") == "PCIe 3.0 x8"
+    assert parse_link_query("[N/A], [N/A]") is None and parse_link_query("") is None
+    assert peak_tflops([1.0, 1.0], (1, 2), 10**12) == pytest.approx(4.0)
+    assert stream_sum(np.ones(1000)) == 1000.0
+    calls = []
+    assert best_time(lambda: calls.append(time.sleep(0.001)), reps=3) >= 0.001
+    assert len(calls) == 4  # one warm-up and three timed runs
+
+
+def test_quick_probe_writes_a_loadable_profile(tmp_path):
+    """``offloadkit profile --quick`` on this (CPU-only) machine: seconds, and the file loads."""
+    out = tmp_path / "here.toml"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "offloadkit.cli", "profile", "--quick", "--no-progress",
+                        "--out", str(out), "--name", "measured-test"], capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert "DRAM read" in r.stdout and f"wrote {out}" in r.stdout
+    p = read_profile(out)
+    assert p.name == "measured-test" and p.cpu.cores >= 1
+    assert p.cpu.dram_bandwidth_gbps > 0.5 and p.cpu.flops_f32_tflops > 0 and p.cpu.flops_bf16_tflops > 0
+    assert set(p.curves) >= {"cpu_expert_f32", "cpu_expert_bf16"}
+    assert p.curves["cpu_expert_f32"].tokens == tuple(2**i for i in range(10))
+    assert all(s.startswith("measured by offloadkit profile on") for s in p.sources.values())
+    if p.gpu is None:
+        assert "no CUDA device" in r.stdout
+    assert elapsed < 90, f"the quick probe took {elapsed:.0f} s"  # ~10 s here; generous: the machine is shared
