@@ -57,6 +57,9 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct float4 {
+    float x, y, z, w;
+};
 inline uint4 __ldcs(const uint4* p) { return *p; }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

@@ -25,7 +25,8 @@
 //   at n tokens it does 2 x n x 176 M FLOPs -> 2.8 GFLOP at n = 8 -> 0.034 ms at 82.6 TFLOP/s.
 //   Arithmetic intensity is n FLOP/byte (bf16), the ridge is 82 FLOP/byte: for n <= 8 the kernel is
 //   memory bound, and its target is ~85-90% of the measured DRAM bandwidth (~0.4 ms per full expert).
-//   x and act (n x 4096 x 4 B = 128 KB at n = 8) stay in L1/L2; the weights are read exactly once.
+//   x and act (n x 4096 x 4 B = 128 KB at n = 8) stay in L1/L2 and are read as float4 where aligned;
+//   the weights are read exactly once.
 //   benchmarks/cuda_kernels.py measures the effective GB/s against the device's copy bandwidth.
 
 #include "common.cuh"
@@ -50,6 +51,9 @@ __device__ __forceinline__ void warp_dot(const T* __restrict__ w, const float* _
         for (int t = 0; t < MAX_TOKENS; ++t)
             if (t < n) acc[t] += wj * __ldg(x + t * ldx + j);
     }
+    // x may be read 16 bytes at a time too when its rows and the first pack line up (the usual case:
+    // H a multiple of 8, slices on 8-row boundaries); then a warp reads x in contiguous 512-byte runs.
+    const bool x_packed = ((reinterpret_cast<size_t>(x + head) & 15) == 0) && (ldx % 4 == 0);
     for (int j = head + lane * P; j < body_end; j += WARP_SIZE * P) {
         float wp[P];
         Pack<T>::load(w + j, wp);
@@ -57,8 +61,16 @@ __device__ __forceinline__ void warp_dot(const T* __restrict__ w, const float* _
         for (int t = 0; t < MAX_TOKENS; ++t) {
             if (t < n) {
                 const float* xt = x + t * ldx + j;
+                if (x_packed) {
 #pragma unroll
-                for (int k = 0; k < P; ++k) acc[t] += wp[k] * __ldg(xt + k);
+                    for (int k = 0; k < P; k += 4) {
+                        const float4 xv = __ldg(reinterpret_cast<const float4*>(xt + k));
+                        acc[t] += wp[k] * xv.x + wp[k + 1] * xv.y + wp[k + 2] * xv.z + wp[k + 3] * xv.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int k = 0; k < P; ++k) acc[t] += wp[k] * __ldg(xt + k);
+                }
             }
         }
     }
