@@ -87,6 +87,6 @@ Chapter 02 describes machines as **hardware profiles** (CPU, GPU, PCIe), builds 
 ]
 nb.cells = cells
 for i, cell in enumerate(nb.cells):
-    cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives a clean diff
+    cell.id = str(i)  # the ids nbstripout writes: regenerating gives a clean diff
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, "notebooks/01_moe_anatomy.ipynb")

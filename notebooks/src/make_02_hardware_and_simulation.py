@@ -104,6 +104,6 @@ M("""## What's next
 Chapter 03 writes the GPU lane's CUDA kernels; chapter 04 the CPU lane's Numba experts, measured against this machine's DRAM bandwidth."""),
 ]
 for i, cell in enumerate(nb.cells):
-    cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives a clean diff
+    cell.id = str(i)  # the ids nbstripout writes: regenerating gives a clean diff
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, "notebooks/02_hardware_and_simulation.ipynb")
