@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from offloadkit.errors import OffloadkitError
 from offloadkit.kernels.cpu import ExpertWeights, KernelInputError, expert_rows, expert_rows_torch, linear
 from offloadkit.kernels.cpu_core import storage_view, to_float32
-from offloadkit.kernels.cpu_lane import compare_lane_ops, rms_norm
+from offloadkit.kernels.cpu_lane import causal_attention, compare_lane_ops, layer_norm, rms_norm, use_torch_attention
 from offloadkit.kernels.cpu_stream import machine_label, read_gbps, stream_read
 from offloadkit.model.moe import swiglu
+from offloadkit.model.reference import causal_attention as torch_attention
 from offloadkit.model.reference import rms_norm as torch_rms_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,7 +66,7 @@ def test_partials_over_any_split_sum_to_the_reference(hidden, inter, tokens, dty
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("tokens", [1, 3, 8, 40])
 def test_parallel_and_blocked_paths_on_a_larger_expert(dtype: str, tokens: int) -> None:
-    # large enough for the parallel decode passes (> 256 KB per pass) and several prefill blocks
+    # large enough for the parallel decode passes (> 64 KB per pass) and several prefill blocks
     ws, ew = make_expert(256, 608, dtype, seed=7)
     x = np.random.default_rng(0).standard_normal((tokens, 256)).astype(np.float32)
     want = reference(x, ws)
@@ -140,10 +141,31 @@ def test_rms_norm_matches_the_reference(tokens: int) -> None:
     assert rel_err(rms_norm(x.numpy(), w.numpy(), 1e-5), torch_rms_norm(x.double(), w.double(), 1e-5).numpy()) < 1e-5
 
 
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_layer_norm_matches_torch(tokens: int) -> None:
+    x, w, b = torch.randn(tokens, 2048) * 3 + 1, torch.rand(2048) + 0.5, torch.randn(2048)
+    want = torch.nn.functional.layer_norm(x.double(), (2048,), w.double(), b.double(), 1e-5).numpy()
+    assert rel_err(layer_norm(x.numpy(), w.numpy(), b.numpy(), 1e-5), want) < 1e-5
+
+
+@pytest.mark.parametrize(("heads", "kv", "tokens", "length", "window"),
+                         [(4, 2, 1, 9, None), (4, 4, 5, 5, None), (6, 2, 3, 12, 4), (2, 1, 7, 7, 3),
+                          (8, 2, 40, 60, 17)])  # the last one runs parallel
+def test_attention_matches_the_reference(heads: int, kv: int, tokens: int, length: int, window: int | None) -> None:
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, heads, tokens, 16, generator=g)
+    k, v = torch.randn(2, kv, length + 6, 16, generator=g), torch.randn(2, kv, length + 6, 16, generator=g)
+    start = length - tokens
+    want = torch_attention(q.double(), k[:, :, :length].double(), v[:, :, :length].double(), start, window)
+    got = causal_attention(q.numpy(), k.numpy(), v.numpy(), length, start, window)
+    assert rel_err(got, want.numpy()) < 1e-5
+    assert use_torch_attention(64, 100) and not use_torch_attention(1, 100) and not use_torch_attention(64, 0)
+
+
 def test_lane_op_comparison_is_measured() -> None:
-    rows = compare_lane_ops(hidden=64, tokens=(1,), repeats=2)
-    assert {r["op"] for r in rows} == {"rms_norm", "layer_norm (torch only)"}
-    assert all(r["torch_s"] > 0 for r in rows)
+    rows = compare_lane_ops(hidden=64, tokens=(1, 3), positions=8, repeats=2)
+    assert [r["op"][:9] for r in rows[:3]] == ["rms_norm", "layer_nor", "attention"]
+    assert all(r["torch_s"] > 0 and r["numba_s"] > 0 for r in rows)
 
 
 def test_stream_read_reads_every_byte() -> None:
@@ -153,3 +175,22 @@ def test_stream_read_reads_every_byte() -> None:
     assert stream_read([a, b]) == want
     assert read_gbps([a], repeats=1) > 0
     assert "threads" in machine_label()
+
+
+def test_kernels_run_from_several_threads_at_once() -> None:
+    # nogil kernels: two worker threads (as the real executor's CPU lane beside other threads) get exact results
+    from concurrent.futures import ThreadPoolExecutor
+
+    ws, ew = make_expert(256, 608, "bfloat16", seed=11)
+    xs = [np.random.default_rng(i).standard_normal((i % 3 + 1, 256)).astype(np.float32) for i in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda x: expert_rows(x, ew), xs))
+    for x, y in zip(xs, outs, strict=True):
+        assert rel_err(y, reference(x, ws)) <= 1e-5
+
+
+def test_linear_refuses_weights_outside_kernel_storage() -> None:
+    with pytest.raises(KernelInputError, match="kernel storage"):
+        linear(np.ones((1, 4), np.float32), np.ones((3, 4), np.float64))
+    with pytest.raises(KernelInputError, match="kernel storage"):
+        linear(np.ones((1, 4), np.float32), np.ones((4, 3), np.float32).T)

@@ -99,3 +99,14 @@ def test_cli_compiles_and_reports_sizes(capsys):
     assert main(["kernels", "compile", "--arch", "8.6", "--kernel", "norm"]) == 0
     out = capsys.readouterr().out
     assert "NVRTC 12." in out and "norm" in out and " ok " in out and "B" in out
+
+
+def test_compiling_leaves_python_bytes_intact():
+    """NVRTC writes its log into the buffer it is given; an immutable one corrupts the interpreter.
+
+    With ``b" " * size`` as the buffer, an empty log (size 1) is written into CPython's interned
+    ``b" "``, and every later ``b" " * n`` in the process is NUL bytes (it broke safetensors headers).
+    """
+    nvrtc.compile_kernel("norm", COMPUTE_CAPABILITIES[0])
+    pad = 3
+    assert b" " * pad == b"\x20\x20\x20"

@@ -128,3 +128,16 @@ def test_launch_path_with_a_stand_in_cupy(monkeypatch):
     assert args1[3] == ("view", torch.int16, wg.data_ptr() + 5 * 16 * 2)  # row r0 of W1, as int16
     assert args2[3][2] == wd.data_ptr() + 5 * 2 and args2[4] == np.int64(24)  # W2[0, r0], leading dimension I
     assert all(isinstance(a, tuple | np.int32 | np.int64 | np.float32) for a in args1 + args2)
+
+
+@pytest.mark.skipif(cuda.cuda_available(), reason="this machine has CUDA")
+def test_benchmark_says_there_is_no_cuda_and_exits_0(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_kernels.py"
+    spec = importlib.util.spec_from_file_location("cuda_kernels_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    assert "No CUDA here" in capsys.readouterr().out

@@ -45,7 +45,9 @@ proven on machines that have no GPU:
 """)
 
 code(r"""
-import collections, re, time
+import collections
+import re
+import time
 import torch
 import torch.nn.functional as F
 from offloadkit.kernels import cuda_ops, nvrtc, twins
@@ -76,14 +78,14 @@ The twin states that contract in four lines of torch on top of `offloadkit.model
 """)
 
 code(r"""
-H, I, n = 256, 200, 3
-w_gate = (torch.randn(I, H) / H**0.5).bfloat16()
-w_up = (torch.randn(I, H) / H**0.5).bfloat16()
-w_down = (torch.randn(H, I) / I**0.5).bfloat16()
+H, inter, n = 256, 200, 3
+w_gate = (torch.randn(inter, H) / H**0.5).bfloat16()
+w_up = (torch.randn(inter, H) / H**0.5).bfloat16()
+w_down = (torch.randn(H, inter) / inter**0.5).bfloat16()
 x = torch.randn(n, H)
 
 out = torch.zeros(n, H)
-for rows in [(0, 64), (64, 131), (131, I)]:          # GG, CG, CC: the boundaries need not be round
+for rows in [(0, 64), (64, 131), (131, inter)]:          # GG, CG, CC: the boundaries need not be round
     twins.expert_swiglu(x, w_gate, w_up, w_down, out, rows)
 print("max |sum of the slices - the whole expert| =", (out - swiglu(x, w_gate, w_up, w_down)).abs().max().item())
 """)
@@ -209,8 +211,8 @@ code(r"""
 expected_act = F.silu(x @ w_gate.float().T) * (x @ w_up.float().T)
 
 def run_draft(name, source, grid, block):
-    act = torch.empty(n, I, device=DEV)
-    args = (x.to(DEV), i32(n), i32(H), w_gate.to(DEV), w_up.to(DEV), i32(I), act)
+    act = torch.empty(n, inter, device=DEV)
+    args = (x.to(DEV), i32(n), i32(H), w_gate.to(DEV), w_up.to(DEV), i32(inter), act)
     if GPU:
         import cupy
         mod = cupy.RawModule(code=source, options=nvrtc.compile_options(), name_expressions=[f"{name}<__nv_bfloat16>"])
@@ -225,8 +227,8 @@ def run_draft(name, source, grid, block):
 
 if GPU or EMU:
     where = "on the GPU" if GPU else "in the CPU emulation"
-    for name, source, grid, block in [("gate_up_v1", V1, (-(-I // 128), n), (128,)),
-                                      ("gate_up_v2", V2, (-(-I // 4),), (128,))]:
+    for name, source, grid, block in [("gate_up_v1", V1, (-(-inter // 128), n), (128,)),
+                                      ("gate_up_v2", V2, (-(-inter // 4),), (128,))]:
         t0 = time.perf_counter()
         err = (run_draft(name, source, grid, block) - expected_act).abs().max().item()
         print(f"{name} {where}: max error {err:.1e} ({time.perf_counter() - t0:.1f} s)")
@@ -320,7 +322,7 @@ xn = ops.rms_norm(d(h), d(norm_w), 1e-5, **kw)
 weights, experts, _ = ops.router_topk(xn @ d(router).T, K, **kw)           # the router GEMM: cuBLAS via torch
 x_perm, src_idx, dst_idx, offsets = ops.moe_permute(xn, experts, E, **kw)
 y_perm = torch.cat([swiglu(x_perm[a:b], d(w_gate), d(w_up), d(w_down))   # one expert, reused: prefill path
-                    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+                    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)])
 moe_out = ops.moe_unpermute(y_perm, dst_idx, weights, torch.zeros_like(xn), **kw)
 q, kc, vc = torch.randn(5, 4, D, generator=g), torch.randn(5, KV, L + 3, D, generator=g), torch.randn(5, KV, L + 3, D, generator=g)
 attn = ops.attention_decode(d(q), d(kc).bfloat16(), d(vc).bfloat16(), L, **kw)
@@ -328,7 +330,7 @@ attn = ops.attention_decode(d(q), d(kc).bfloat16(), d(vc).bfloat16(), L, **kw)
 t_xn = twins.rms_norm(h, norm_w, 1e-5)
 t_w, t_e, _ = twins.router_topk(t_xn @ router.T, K)
 t_perm = twins.moe_permute(t_xn, t_e, E)
-t_y = torch.cat([swiglu(t_perm[0][a:b], w_gate, w_up, w_down) for a, b in zip(t_perm[3][:-1].tolist(), t_perm[3][1:].tolist())])
+t_y = torch.cat([swiglu(t_perm[0][a:b], w_gate, w_up, w_down) for a, b in zip(t_perm[3][:-1].tolist(), t_perm[3][1:].tolist(), strict=True)])
 t_out = twins.moe_unpermute(t_y, t_perm[2], t_w, torch.zeros_like(t_xn))
 t_attn = twins.attention_decode(q, kc.bfloat16(), vc.bfloat16(), L)
 mode = "GPU kernels" if GPU else ("emulated kernels" if backend else "twins only")
@@ -362,7 +364,7 @@ def build() -> nbformat.NotebookNode:
     nb.cells = [nbformat.v4.new_markdown_cell(s) if kind == "markdown" else nbformat.v4.new_code_cell(s)
                 for kind, s in CELLS]
     for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"
+        cell.id = str(i)  # what nbstripout writes, so `nbstripout --verify` passes
     return nb
 
 

@@ -2,7 +2,8 @@
 
 ``offloadkit bench kernels`` runs :mod:`offloadkit.bench.kernels` and prints its markdown table (or
 JSON with ``--json``). Later benchmarks (the llama.cpp runner, end-to-end pp512 / tg128) add their
-own ``bench`` subcommands here. No measuring logic lives in this file.
+own ``bench`` subcommands here. It refuses to hold measuring logic: that lives in the modules it calls,
+so the notebooks and ``benchmarks/`` run the same code.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ section 3). This module is the one entry point for that work:
 Partials over any split of ``[0, I)`` sum to the whole expert (up to f32 summation order), which is
 what lets CC, CG and GG slices be computed in different places and added. ``path="auto"`` takes the
 decode kernel (:mod:`offloadkit.kernels.cpu_decode`, memory-bound, each weight byte read once for
-all tokens) for up to :data:`DECODE_MAX_TOKENS` tokens and the prefill kernel
+all tokens) for up to :data:`DECODE_MAX_TOKENS` tokens (a few dozen: measured) and the prefill kernel
 (:mod:`offloadkit.kernels.cpu_prefill`, weights widened once per block and fed to BLAS) above.
 :func:`linear` does the same for a plain ``y = x Wᵀ`` (attention projections, routers, lm_head).
 Every kernel releases the GIL (``nogil``), so a worker thread can run them while other threads work.
@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from offloadkit.kernels.cpu_core import KernelInputError, storage_view
+from offloadkit.kernels.cpu_core import STORAGE, KernelInputError, storage_view
 from offloadkit.kernels.cpu_decode import expert_decode, rows_dot
 from offloadkit.kernels.cpu_prefill import expert_prefill, linear_prefill
 
-#: Token counts up to this take the decode kernel; more take the prefill kernel (measured crossover:
-#: the decode kernel's time grows with the tokens, the prefill kernel's is nearly flat until ~64).
-DECODE_MAX_TOKENS = 8
+#: Token counts up to this take the decode kernel, more the prefill kernel, by stored dtype. Measured
+#: crossover on a Mixtral expert (4096 x 14336, 2 threads): the decode kernel holds ~100 GFLOP/s
+#: (bf16 / f16) or ~85 (f32) from 8 tokens up, while torch's GEMM only passes that at ~56 / ~40 tokens.
+DECODE_MAX_TOKENS = {"bfloat16": 56, "float16": 56, "float32": 40}
 PATHS = ("auto", "decode", "prefill")
 
 
@@ -127,11 +128,11 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _choose(path: str, n: int) -> str:
+def _choose(path: str, n: int, dtype: str) -> str:
     if path not in PATHS:
         raise KernelInputError(f"path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        return "decode" if n <= DECODE_MAX_TOKENS else "prefill"
+        return "decode" if n <= DECODE_MAX_TOKENS[dtype] else "prefill"
     return path
 
 
@@ -148,7 +149,7 @@ def expert_rows(x: np.ndarray | torch.Tensor, weights: ExpertWeights, rows: tupl
     x = check_activations(x, weights.hidden)
     r0, r1 = check_rows(rows, weights.intermediate)
     out = _check_out(out, (x.shape[0], weights.hidden))
-    kernel = _choose(path, x.shape[0])
+    kernel = _choose(path, x.shape[0], weights.dtype)
     if x.shape[0] == 0 or r0 == r1:
         return out
     if kernel == "decode":
@@ -161,13 +162,15 @@ def expert_rows(x: np.ndarray | torch.Tensor, weights: ExpertWeights, rows: tupl
 def linear(x: np.ndarray | torch.Tensor, w: np.ndarray, out: np.ndarray | None = None, *,
            path: str = "auto") -> np.ndarray:
     """``x · Wᵀ`` for ``x`` [n, in] f32 and ``w`` [out, in] in kernel storage (see :func:`storage_view`)."""
-    if not isinstance(w, np.ndarray) or w.ndim != 2 or not w.flags.c_contiguous:
-        raise KernelInputError("w must be a C-contiguous 2-D array in kernel storage (use storage_view)")
+    if not isinstance(w, np.ndarray) or w.ndim != 2 or not w.flags.c_contiguous or w.dtype not in STORAGE.values():
+        raise KernelInputError("w must be a C-contiguous 2-D array in kernel storage (float32, or uint16 / int16 "
+                               "bits of bf16 / f16: use storage_view)")
     x = check_activations(x, w.shape[1])
     out = _check_out(out, (x.shape[0], w.shape[0]))
     if x.shape[0] == 0 or w.shape[0] == 0:
         return out
-    if _choose(path, x.shape[0]) == "decode":
+    dtype = next(name for name, storage in STORAGE.items() if storage == w.dtype)
+    if _choose(path, x.shape[0], dtype) == "decode":
         rows_dot(x, w, 0, out, False)
     else:
         linear_prefill(x, w, out)

@@ -26,6 +26,7 @@ any dtype other than the three above.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -206,24 +207,57 @@ def dot2_t4(wa, wb, x0, x1, x2, x3):
 # ---- widening whole blocks (the prefill path feeds BLAS with these) -----------------------------
 
 
-@njit(parallel=True, **FAST)
-def widen_rows(w, r0, r1, out):
-    """``out[i - r0, :] = f32(w[i, :])`` for rows ``[r0, r1)``; ``out`` [r1 - r0, w.shape[1]] f32."""
-    for i in prange(r0, r1):
+@njit(**FAST)
+def widen_rows_range(w, r0, r1, out, i0, i1):
+    """``out[i - r0, :] = f32(w[i, :])`` for rows ``[i0, i1)`` of a block ``[r0, r1)`` (one thread)."""
+    for i in range(i0, i1):
         src = w[i]
         dst = out[i - r0]
         for k in range(src.size):
             dst[k] = widen(src[k])
 
 
-@njit(parallel=True, **FAST)
-def widen_cols(w, c0, c1, out):
-    """``out[j, :] = f32(w[j, c0:c1])`` for every row ``j``; ``out`` [w.shape[0], c1 - c0] f32."""
-    for j in prange(w.shape[0]):
+@njit(**FAST)
+def widen_cols_range(w, c0, c1, out, j0, j1):
+    """``out[j, :] = f32(w[j, c0:c1])`` for rows ``[j0, j1)`` (one thread)."""
+    for j in range(j0, j1):
         src = w[j, c0:c1]
         dst = out[j]
         for k in range(src.size):
             dst[k] = widen(src[k])
+
+
+@njit(parallel=True, **FAST)
+def _widen_rows_parallel(w, r0, r1, out, n_chunks):
+    for c in prange(n_chunks):
+        widen_rows_range(w, r0, r1, out, r0 + c * (r1 - r0) // n_chunks, r0 + (c + 1) * (r1 - r0) // n_chunks)
+
+
+@njit(parallel=True, **FAST)
+def _widen_cols_parallel(w, c0, c1, out, n_chunks):
+    rows = w.shape[0]
+    for c in prange(n_chunks):
+        widen_cols_range(w, c0, c1, out, c * rows // n_chunks, (c + 1) * rows // n_chunks)
+
+
+#: Blocks smaller than this are widened on the calling thread (a parallel launch would cost more).
+WIDEN_PARALLEL_MIN_BYTES = 256 * 1024
+
+
+def widen_rows(w: np.ndarray, r0: int, r1: int, out: np.ndarray) -> None:
+    """``out[i - r0, :] = f32(w[i, :])`` for rows ``[r0, r1)``; ``out`` [r1 - r0, w.shape[1]] f32."""
+    if out.nbytes < WIDEN_PARALLEL_MIN_BYTES:
+        widen_rows_range(w, r0, r1, out, r0, r1)
+    else:
+        _widen_rows_parallel(w, r0, r1, out, numba.get_num_threads())
+
+
+def widen_cols(w: np.ndarray, c0: int, c1: int, out: np.ndarray) -> None:
+    """``out[j, :] = f32(w[j, c0:c1])`` for every row ``j``; ``out`` [w.shape[0], c1 - c0] f32."""
+    if out.nbytes < WIDEN_PARALLEL_MIN_BYTES:
+        widen_cols_range(w, c0, c1, out, 0, w.shape[0])
+    else:
+        _widen_cols_parallel(w, c0, c1, out, numba.get_num_threads())
 
 
 __all__ = ["FAST", "STORAGE", "KernelInputError", "dot2_t1", "dot2_t2", "dot2_t4", "dot_t1", "dot_t2", "dot_t4",

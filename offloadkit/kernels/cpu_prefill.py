@@ -13,10 +13,13 @@ f32 weights need no widening: the GEMMs read them in place (``W2[:, r0:r1]`` is 
 that BLAS takes as it is), so the f32 prefill *is* torch's GEMM. bf16 / f16 weights pay for the
 widening once per block — a small fraction of the GEMM time at n ≥ 64.
 
-Widening runs through torch (``Tensor.to(float32)``, vectorized, on torch's thread pool), which
-measured as fast as the Numba widener here and keeps a single thread pool busy, instead of
-alternating torch's OpenMP pool with Numba's (each spins for a while after its work and steals
-the core the other one needs).
+Widening runs in Numba (:func:`~offloadkit.kernels.cpu_core.widen_rows`, ``widen_cols``: one
+vectorized, parallel pass per block), which measured ~30% faster than torch's ``Tensor.copy_``
+from bf16 here and made the whole prefill 3-5% faster at 32-64 tokens.
+
+Below a few dozen tokens torch's GEMM is far from its peak (MKL reaches ~75 GFLOP/s at 32 tokens
+on this machine against ~160 at 512) and the decode kernel, which never widens a matrix, is
+faster: :data:`offloadkit.kernels.cpu.DECODE_MAX_TOKENS` holds the measured crossover.
 
 What it refuses: validation (done in :mod:`offloadkit.kernels.cpu`) and few tokens (the decode
 path, which never materializes widened weights, is faster there).
@@ -28,8 +31,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Intermediate rows per widened block: 3 blocks of 256 x 4096 f32 are 12 MB, inside a 32 MB L3.
+from offloadkit.kernels.cpu_core import widen_cols, widen_rows
+
+#: Intermediate rows per widened block, by token count: 3 blocks of 256 x 4096 f32 are 12 MB, inside a
+#: 32 MB L3. From 256 tokens on, 512-row blocks (24 MB) measured ~5% faster (fewer, larger GEMMs);
+#: below, 256-row blocks were up to 15% faster.
 BLOCK_ROWS = 256
+BLOCK_ROWS_MANY_TOKENS = 512
+
+
+def block_rows_for(tokens: int) -> int:
+    """The widened block height for ``tokens`` tokens (see :data:`BLOCK_ROWS`)."""
+    return BLOCK_ROWS_MANY_TOKENS if tokens >= 256 else BLOCK_ROWS
 
 _TORCH_OF_STORAGE = {np.dtype(np.uint16): torch.bfloat16, np.dtype(np.int16): torch.float16}
 
@@ -43,8 +56,9 @@ def as_torch_weight(w: np.ndarray) -> torch.Tensor:
 
 
 def expert_prefill(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, r0: int, r1: int,
-                   out: np.ndarray, block_rows: int = BLOCK_ROWS) -> None:
+                   out: np.ndarray, block_rows: int | None = None) -> None:
     """``out += W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H] f32."""
+    block_rows = block_rows or block_rows_for(x.shape[0])  # block_rows only matters for 16-bit weights
     xt, yt = torch.from_numpy(x), torch.from_numpy(out)
     t1, t3, t2 = as_torch_weight(w1), as_torch_weight(w3), as_torch_weight(w2)
     with torch.no_grad():
@@ -53,17 +67,17 @@ def expert_prefill(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray
             yt.addmm_(h, t2[:, r0:r1].T)
             return
         hidden = x.shape[1]
-        a = torch.empty(block_rows, hidden)
-        b = torch.empty(block_rows, hidden)
-        c = torch.empty(hidden * block_rows)
+        a = np.empty((block_rows, hidden), dtype=np.float32)
+        b = np.empty((block_rows, hidden), dtype=np.float32)
+        c = np.empty(hidden * block_rows, dtype=np.float32)
         for b0 in range(r0, r1, block_rows):
             rows = min(block_rows, r1 - b0)
-            a1, b3, c2 = a[:rows], b[:rows], c[:hidden * rows].view(hidden, rows)
-            a1.copy_(t1[b0:b0 + rows])
-            b3.copy_(t3[b0:b0 + rows])
-            c2.copy_(t2[:, b0:b0 + rows])
-            h = F.silu(xt @ a1.T) * (xt @ b3.T)
-            yt.addmm_(h, c2.T)
+            c2 = c[:hidden * rows].reshape(hidden, rows)
+            widen_rows(w1, b0, b0 + rows, a[:rows])
+            widen_rows(w3, b0, b0 + rows, b[:rows])
+            widen_cols(w2, b0, b0 + rows, c2)
+            h = F.silu(xt @ torch.from_numpy(a[:rows]).T) * (xt @ torch.from_numpy(b[:rows]).T)
+            yt.addmm_(h, torch.from_numpy(c2).T)
 
 
 def linear_prefill(x: np.ndarray, w: np.ndarray, out: np.ndarray, block_rows: int = 1024) -> None:
@@ -73,12 +87,12 @@ def linear_prefill(x: np.ndarray, w: np.ndarray, out: np.ndarray, block_rows: in
         if tw.dtype == torch.float32:
             torch.mm(xt, tw.T, out=yt)
             return
-        buf = torch.empty(min(block_rows, tw.shape[0]), tw.shape[1])
-        for j0 in range(0, tw.shape[0], block_rows):
-            rows = min(block_rows, tw.shape[0] - j0)
-            wb = buf[:rows]
-            wb.copy_(tw[j0:j0 + rows])
-            yt[:, j0:j0 + rows] = xt @ wb.T
+        buf = np.empty((min(block_rows, w.shape[0]), w.shape[1]), dtype=np.float32)
+        for j0 in range(0, w.shape[0], block_rows):
+            rows = min(block_rows, w.shape[0] - j0)
+            widen_rows(w, j0, j0 + rows, buf[:rows])
+            yt[:, j0:j0 + rows] = xt @ torch.from_numpy(buf[:rows]).T
 
 
-__all__ = ["BLOCK_ROWS", "as_torch_weight", "expert_prefill", "linear_prefill"]
+__all__ = ["BLOCK_ROWS", "BLOCK_ROWS_MANY_TOKENS", "as_torch_weight", "block_rows_for", "expert_prefill",
+           "linear_prefill"]

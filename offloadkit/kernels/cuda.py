@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from offloadkit.errors import CudaUnavailableError
-from offloadkit.kernels.nvrtc import KERNELS, compile_options, read_source
+from offloadkit.kernels.nvrtc import KERNELS, KernelCompileError, compile_options, cuda_include_dirs, read_source
 
 INSTALL_HINT = ("install CuPy built for your CUDA driver (pip install cupy-cuda12x for CUDA 12, "
                 "pip install cupy-cuda13x for CUDA 13; or pip install -e '.[cuda]') next to a CUDA build of torch, "
@@ -95,7 +95,14 @@ def get_kernel(file: str, kernel: str):
     """The ``cupy.RawKernel`` for name expression ``kernel`` of ``file``, e.g. ``("norm", "rmsnorm<float>")``."""
     if kernel not in KERNELS.get(file, ()):
         raise ValueError(f"{kernel!r} is not among the kernels of {file}.cu: {KERNELS.get(file)}")
-    return load_module(file).get_function(kernel)
+    try:
+        return load_module(file).get_function(kernel)  # CuPy compiles here, on first use
+    except Exception as e:
+        if type(e).__name__ != "CompileException":  # cupy.cuda.compiler.CompileException
+            raise
+        hint = "" if cuda_include_dirs() else (" (no folder with cuda_bf16.h was found: pip install "
+                                               "nvidia-cuda-runtime-cu12, or set CUDA_HOME to a CUDA toolkit)")
+        raise KernelCompileError(f"CuPy could not compile {file}.cu{hint}:", str(e)) from e
 
 
 def _as_cupy(cupy, t: torch.Tensor):

@@ -196,9 +196,12 @@ def compile_source(source: str, name: str = "kernel.cu", name_expressions: tuple
             _ok(nvrtc, nvrtc.nvrtcAddNameExpression(prog, expr.encode())[0], "nvrtcAddNameExpression")
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        buf = b" " * size
+        # NVRTC writes into the buffer: it must be a fresh mutable one. (NVIDIA's samples pass
+        # ``b" " * size``, which for an empty log (size 1) is CPython's interned ``b" "``: NVRTC's NUL
+        # then turns every later ``b" "`` of the process into ``b"\0"``.)
+        buf = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = buf.rstrip(b"\0").decode(errors="replace").strip()
+        log = bytes(buf).rstrip(b"\0").decode(errors="replace").strip()
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise KernelCompileError(f"NVRTC could not compile {name} for sm_{arch.replace('.', '')}:", log)
         if strict and log:
@@ -208,8 +211,9 @@ def compile_source(source: str, name: str = "kernel.cu", name_expressions: tuple
                          else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN))
         err, size = get_size(prog)
         _ok(nvrtc, err, get_size.__name__)
-        image = b" " * size
-        _ok(nvrtc, get(prog, image)[0], get.__name__)
+        image_buf = bytearray(size)
+        _ok(nvrtc, get(prog, image_buf)[0], get.__name__)
+        image = bytes(image_buf)
         lowered = {}
         for expr in name_expressions:
             err, symbol = nvrtc.nvrtcGetLoweredName(prog, expr.encode())

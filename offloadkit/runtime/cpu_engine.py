@@ -3,12 +3,13 @@
 This is the ``cpu-only`` end of the design (DESIGN.md sections 8 and 9): every weight stays in host
 memory in its stored dtype (a memory-mapped checkpoint stays mapped) and every task runs on the
 ``cpu`` lane: the experts, dense FFNs, attention projections, routers and lm_head through
-:mod:`offloadkit.kernels.cpu` (decode kernel for a few tokens, prefill kernel for many), RMSNorm
-through the Numba norm, LayerNorm, softmax / top-k and the attention core through torch (the
-faster of the two for each, measured: see :mod:`offloadkit.kernels.cpu_lane`).
+:mod:`offloadkit.kernels.cpu` (decode kernel for a few tokens, prefill kernel for many); the
+norms and the attention core through the Numba kernels of :mod:`offloadkit.kernels.cpu_lane`
+(each measured faster than torch there); softmax / top-k over the router's few logits, RoPE and the
+residual adds stay in torch.
 
-The math around the kernels (RoPE, the KV cache, the attention core, routing rules, expert
-dispatch) is the reference forward's own: :class:`CpuEngine` *is* a
+The math around the kernels (RoPE, the KV cache, routing rules, expert dispatch) is the reference
+forward's own: :class:`CpuEngine` *is* a
 :class:`~offloadkit.model.reference.ReferenceModel` whose weight-reading parts are replaced, so the
 two can only differ by the kernels' summation order, and greedy tokens match (DESIGN.md section 10).
 
@@ -35,9 +36,10 @@ import torch.nn.functional as F
 from offloadkit.errors import OffloadkitError
 from offloadkit.kernels.cpu import ExpertWeights, expert_rows, linear
 from offloadkit.kernels.cpu_core import storage_view
-from offloadkit.kernels.cpu_lane import rms_norm
+from offloadkit.kernels.cpu_lane import causal_attention, layer_norm, rms_norm, use_torch_attention
 from offloadkit.kernels.cpu_stream import machine_label
 from offloadkit.model.reference import KVCache, ReferenceModel
+from offloadkit.model.rope import apply_rope, rotary_tables
 from offloadkit.model.spec import ModelSpec
 from offloadkit.runtime.timeline import TaskRecord, Timeline
 
@@ -54,6 +56,8 @@ class CpuEngine(ReferenceModel):
         self._store: dict[str, np.ndarray] = {}
         self._experts: dict[str, ExpertWeights] = {}
         self._norms: dict[str, np.ndarray] = {}
+        self._nbytes: dict[str, int] = {}
+        self._attn_weights: dict[int, tuple[int, int]] = {}
         self.machine = machine_label()
         self.timeline = self._new_timeline()
         self._step = 0
@@ -86,7 +90,13 @@ class CpuEngine(ReferenceModel):
                                      int(bytes_), int(flops), self._step))
 
     def _bytes(self, *names: str) -> int:
-        return sum(self.weights[n].numel() * self.weights[n].element_size() for n in names if n in self.weights)
+        """Stored bytes of the named weights (absent names count 0); computed once per name."""
+        total = 0
+        for n in names:
+            if n not in self._nbytes:
+                self._nbytes[n] = self.weights[n].numel() * self.weights[n].element_size() if n in self.weights else 0
+            total += self._nbytes[n]
+        return total
 
     # ---- the parts, on the kernels ---------------------------------------------------------------------
 
@@ -97,14 +107,36 @@ class CpuEngine(ReferenceModel):
         bias = self.bias(f"{prefix}.bias")
         return y if bias is None else y + bias
 
-    def norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        if self.spec.norm_kind == "layer":
-            return super().norm(x, prefix)
-        name = f"{prefix}.weight"
+    def _f32(self, name: str) -> np.ndarray:
         if name not in self._norms:
             self._norms[name] = self.weights[name].float().contiguous().numpy()
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        return torch.from_numpy(rms_norm(flat.numpy(), self._norms[name], self.spec.norm_eps)).view(x.shape)
+        return self._norms[name]
+
+    def norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+        if self.spec.norm_kind == "layer":
+            y = layer_norm(flat, self._f32(f"{prefix}.weight"), self._f32(f"{prefix}.bias"), self.spec.norm_eps)
+        else:
+            y = rms_norm(flat, self._f32(f"{prefix}.weight"), self.spec.norm_eps)
+        return torch.from_numpy(y).view(x.shape)
+
+    def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                  cache: KVCache | None) -> torch.Tensor:
+        """The reference's attention, with the core on the Numba kernel (over the cache in place)."""
+        s, p = self.spec, f"model.layers.{layer}.self_attn"
+        b, t, _ = x.shape
+        if use_torch_attention(t, start):
+            return super().attention(layer, x, cos, sin, start, cache)
+        q = self.linear(x, f"{p}.q_proj").view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = self.linear(x, f"{p}.k_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = self.linear(x, f"{p}.v_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous()
+        if cache is not None:
+            cache.update(layer, k, v)
+            k, v = cache.k[layer], cache.v[layer]  # the whole buffers: the kernel reads [0, start + t)
+        o = causal_attention(q.numpy(), k.numpy(), v.contiguous().numpy(), start + t, start, s.sliding_window)
+        return self.linear(torch.from_numpy(o).transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim),
+                           f"{p}.o_proj")
 
     def _swiglu(self, prefix: str, names: tuple[str, str, str], x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(expert_rows(x.contiguous(), self._expert_weights(prefix, names)))
@@ -150,12 +182,15 @@ class CpuEngine(ReferenceModel):
         return out
 
     def _attention_cost(self, layer: int, tokens: int, start: int) -> tuple[int, int]:
+        """(bytes, flops) of one attention task: projection weights and KV read; projections and core."""
         s, p = self.spec, f"model.layers.{layer}.self_attn"
-        names = [f"{p}.{n}_proj.{k}" for n in "qkvo" for k in ("weight", "bias")]
-        params = sum(self.weights[n].numel() for n in names if n in self.weights)
+        if layer not in self._attn_weights:
+            names = [n for n in (f"{p}.{x}_proj.{k}" for x in "qkvo" for k in ("weight", "bias")) if n in self.weights]
+            self._attn_weights[layer] = (self._bytes(*names), sum(self.weights[n].numel() for n in names))
+        weight_bytes, params = self._attn_weights[layer]
         keys = start + tokens
         kv_bytes = 2 * keys * s.n_kv_heads * s.head_dim * 4
-        return self._bytes(*names) + kv_bytes, 2 * tokens * params + 4 * tokens * keys * s.n_heads * s.head_dim
+        return weight_bytes + kv_bytes, 2 * tokens * params + 4 * tokens * keys * s.n_heads * s.head_dim
 
     def decoder_layer(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                       cache: KVCache | None, routing: dict | None) -> torch.Tensor:
@@ -187,8 +222,6 @@ class CpuEngine(ReferenceModel):
         b, t = input_ids.shape
         start = cache.length if cache is not None else 0
         with self._task("embed", "embed", None, b * t * self.spec.hidden_size * self.spec.bytes_per_param):
-            from offloadkit.model.rope import rotary_tables
-
             cos, sin = rotary_tables(self.spec, torch.arange(start, start + t), torch.float32)
             h = F.embedding(input_ids, self.weights["model.embed_tokens.weight"]).float()
         for layer in range(self.spec.n_layers):
