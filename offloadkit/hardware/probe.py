@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import re
 import socket
 import statistics
@@ -32,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
 
 from offloadkit.errors import ProfileError
+from offloadkit.hardware.machine import cpu_model
 from offloadkit.hardware.profile import CpuProfile, Curve, GpuProfile, HardwareProfile, LinkProfile
 from offloadkit.hardware.toml_writer import save_profile
 
@@ -64,15 +63,6 @@ QUICK = ProbeSettings(dram_bytes=128 * MIB, hidden=1024, intermediate=2048, toke
 
 
 # ---- kernels --------------------------------------------------------------------------------------
-
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def stream_sum(a: np.ndarray) -> float:
-    """Sum of a float64 array, split over all Numba threads: reads every byte once (STREAM-like)."""
-    s = 0.0
-    for i in prange(a.size):
-        s += a[i]
-    return s
-
 
 def best_time(fn: Callable[[], object], reps: int, budget_s: float = 0.0) -> float:
     """Best wall time of ``fn`` over at least ``reps`` runs (after one warm-up), and more runs while
@@ -113,21 +103,16 @@ def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[
 
 # ---- CPU measurements -----------------------------------------------------------------------------
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def measure_dram_gbps(nbytes: int, reps: int = 5, budget_s: float = 0.0) -> float:
-    """All-core DRAM read bandwidth, GB/s (1e9 bytes/s): best of at least ``reps`` parallel sums."""
+    """All-core DRAM read bandwidth, GB/s (1e9 bytes/s): best of at least ``reps`` reads of a buffer.
+
+    The read is :func:`offloadkit.kernels.cpu_stream.stream_read`, the same STREAM-like kernel that
+    ``offloadkit bench kernels`` holds the CPU experts against, so both report one physical limit.
+    """
+    from offloadkit.kernels.cpu_stream import stream_read
+
     a = np.ones(nbytes // 8, dtype=np.float64)  # np.ones touches every page before timing
-    return a.nbytes / best_time(lambda: stream_sum(a), reps, budget_s) / 1e9
+    return a.nbytes / best_time(lambda: stream_read([a]), reps, budget_s) / 1e9
 
 
 def measure_cpu_curve(dtype: str, s: ProbeSettings) -> tuple[list[float], int, str]:
@@ -178,7 +163,7 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     has_cuda = probe_cuda.cuda_available()
     steps = 4 + (probe_cuda.STEPS if has_cuda else 0)
     started = time.perf_counter()
-    m: dict[str, Any] = {"cpu": {"name": cpu_name(), "cores": get_num_threads()}, "gpu": None, "link": None,
+    m: dict[str, Any] = {"cpu": {"name": cpu_model(), "cores": get_num_threads()}, "gpu": None, "link": None,
                          "curves": {}, "methods": {}, "quick": quick}
     cpu, methods = m["cpu"], m["methods"]
     with tqdm(total=steps, desc="offloadkit profile", disable=not progress, leave=False) as bar:

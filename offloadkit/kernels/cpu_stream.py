@@ -15,15 +15,14 @@ machine probe (``offloadkit.hardware`` owns profiles; it may call these function
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from offloadkit.hardware.machine import cpu_model, machine_label
 from offloadkit.kernels.cpu_core import FAST
 
 
@@ -67,22 +66,6 @@ def read_gbps(arrays: Sequence[np.ndarray], repeats: int = 5) -> float:
         stream_read(arrays)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_label(threads: int | None = None) -> str:
-    """``"AMD EPYC, 2 threads"``: the CPU and the Numba threads the kernels use."""
-    return f"{cpu_model()}, {threads or numba.get_num_threads()} threads"
 
 
 __all__ = ["cpu_model", "machine_label", "read_gbps", "stream_read"]

@@ -17,6 +17,7 @@ from typing import Protocol, TextIO
 import torch
 
 from offloadkit.errors import OffloadkitError
+from offloadkit.hardware.machine import machine_label
 
 
 class CausalLM(Protocol):
@@ -94,6 +95,6 @@ def stream_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int,
         out.flush()
     elapsed = time.perf_counter() - t0
     engine = getattr(model, "engine_name", type(model).__name__)
-    out.write(f"\n[measured on this machine: {len(new)} tokens in {elapsed:.2f} s "
+    out.write(f"\n[measured on {machine_label(torch.get_num_threads())}: {len(new)} tokens in {elapsed:.2f} s "
               f"({len(new) / max(elapsed, 1e-9):.1f} tokens/s, prefill included), engine: {engine}]\n")
     return new
