@@ -2,8 +2,8 @@
 
 What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, see ``probe_cuda.py``):
 
-- DRAM read bandwidth with all cores: a STREAM-like Numba parallel sum over a buffer far larger than
-  the caches (512 MiB; 128 MiB with ``--quick``), best of several runs.
+- DRAM read bandwidth with all cores: a STREAM-like Numba parallel read (``kernels.cpu_stream``) over
+  a buffer far larger than the caches (512 MiB; 128 MiB with ``--quick``), best of several runs.
 - CPU expert time vs tokens (1, 2, 4, ..., 512): the engine's own SwiGLU expert kernel
   (``offloadkit.kernels.cpu.expert_rows``; torch ``F.linear`` if that module is missing) on a
   hidden 4096 x intermediate 4096 expert (1024 x 2048 with ``--quick``), with f32 weights and with
@@ -169,8 +169,9 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     with tqdm(total=steps, desc="offloadkit profile", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("DRAM bandwidth")
         cpu["dram_bandwidth_gbps"] = measure_dram_gbps(s.dram_bytes, 5, s.dram_budget_s)
-        methods["cpu.dram_bandwidth_gbps"] = (f"Numba parallel sum over {s.dram_bytes // MIB} MiB of float64 with "
-                                              f"{cpu['cores']} threads, best of >= 5 runs over {s.dram_budget_s} s")
+        methods["cpu.dram_bandwidth_gbps"] = (f"STREAM-like Numba read (offloadkit.kernels.cpu_stream) of "
+                                              f"{s.dram_bytes // MIB} MiB with {cpu['cores']} threads, "
+                                              f"best of >= 5 runs over {s.dram_budget_s} s")
         methods["cpu.cores"] = "Numba threads (numba.get_num_threads())"
         bar.update()
         for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
