@@ -33,7 +33,7 @@ def check_timeline(tl: Timeline, engine: CpuEngine, steps: int) -> None:
     for step in range(steps):
         for layer in range(spec.n_layers):
             kinds = [r.kind for r in tl.select(step=step, layer=layer)]
-            want = ["attn_norm", "attention", "ffn_norm"]
+            want = ["attn_norm", "attn_qkv", "attention", "attn_o", "ffn_norm"]  # the simulator's task kinds
             want += ["router", "expert"] if spec.is_moe_layer(layer) else ["ffn"]
             assert all(k in kinds for k in want), (step, layer, kinds)
             if spec.is_moe_layer(layer):
@@ -42,7 +42,7 @@ def check_timeline(tl: Timeline, engine: CpuEngine, steps: int) -> None:
         assert {"embed", "final_norm", "lm_head"} <= names
     records = sorted(tl, key=lambda r: r.start_s)
     assert all(a.end_s <= b.start_s + 1e-9 for a, b in zip(records, records[1:], strict=False))  # one lane
-    assert all(r.bytes_ > 0 for r in tl if r.kind in ("attention", "expert", "ffn", "lm_head"))
+    assert all(r.bytes_ > 0 for r in tl if r.kind in ("attn_qkv", "attention", "attn_o", "expert", "ffn", "lm_head"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

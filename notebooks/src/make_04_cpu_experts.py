@@ -191,7 +191,7 @@ Left of the ridge the decode kernel rides the memory roof: doubling the tokens n
 
 ## 5. The real CPU engine
 
-`offloadkit.runtime.cpu_engine.CpuEngine` runs a whole model on these kernels (experts, projections, router, lm_head) and records a **measured** `Timeline`: one task per norm, attention, router, expert and lm_head, per layer and step. `offloadkit generate --engine cpu` uses it. Here it is on the demo model, checked token for token against the reference forward:
+`offloadkit.runtime.cpu_engine.CpuEngine` runs a whole model on these kernels (experts, projections, router, lm_head) and records a **measured** `Timeline`: one task per norm, QKV projection, attention core, O projection, router, expert and lm_head (the task kinds of the simulator's graph), per layer and step. `offloadkit generate --engine cpu` uses it. Here it is on the demo model, checked token for token against the reference forward:
 """)
 
 code(r"""

@@ -136,19 +136,38 @@ class ReferenceModel:
 
     # ---- layers ------------------------------------------------------------------------------------
 
-    def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                  cache: KVCache | None) -> torch.Tensor:
-        """Self-attention of layer ``layer`` for ``x`` [B, T, H] at positions ``[start, start + T)``."""
+    def attn_qkv(self, layer: int, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The QKV projections of layer ``layer`` with RoPE applied: q [B, heads, T, D], k and v [B, kv, T, D]."""
         s, p = self.spec, f"model.layers.{layer}.self_attn"
         b, t, _ = x.shape
         q = self.linear(x, f"{p}.q_proj").view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
         k = self.linear(x, f"{p}.k_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = self.linear(x, f"{p}.v_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attention_core(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                       cache: KVCache | None) -> torch.Tensor:
+        """Append k, v to the cache and attend: the heads' outputs concatenated, [B, T, heads * D]."""
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        o = causal_attention(q, k, v, start, s.sliding_window)
-        return self.linear(o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim), f"{p}.o_proj")
+        b, _, t, _ = q.shape
+        o = causal_attention(q, k, v, start, self.spec.sliding_window)
+        return o.transpose(1, 2).reshape(b, t, self.spec.n_heads * self.spec.head_dim)
+
+    def attn_o(self, layer: int, o: torch.Tensor) -> torch.Tensor:
+        """The output projection of layer ``layer``."""
+        return self.linear(o, f"model.layers.{layer}.self_attn.o_proj")
+
+    def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                  cache: KVCache | None) -> torch.Tensor:
+        """Self-attention of layer ``layer`` for ``x`` [B, T, H] at positions ``[start, start + T)``.
+
+        Three parts, as the engine places them (DESIGN.md section 3): the QKV projections, the
+        attention core over the KV cache, and the O projection.
+        """
+        q, k, v = self.attn_qkv(layer, x, cos, sin)
+        return self.attn_o(layer, self.attention_core(layer, q, k, v, start, cache))
 
     def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp"

@@ -15,9 +15,10 @@ two can only differ by the kernels' summation order, and greedy tokens match (DE
 
 Every forward appends measured :class:`~offloadkit.runtime.timeline.TaskRecord` s to
 ``engine.timeline`` (``source="measured"``, machine = this CPU and its threads): per layer the
-``attn_norm``, ``attention``, ``ffn_norm``, ``router``, one ``expert e`` per expert used (or ``ffn``),
-then ``final_norm`` and ``lm_head``; ``step`` 0 is the prefill, 1, 2, ... the decode steps. A forward
-on a fresh cache (or without one) starts a new timeline.
+``attn_norm``, ``attn_qkv``, ``attention`` (the core), ``attn_o``, ``ffn_norm``, ``router``, one
+``expert e`` per expert used (or ``ffn``), then ``final_norm`` and ``lm_head``; ``step`` 0 is the
+prefill, 1, 2, ... the decode steps. A forward on a fresh cache (or without one) starts a new
+timeline.
 
 What it refuses: batches whose sequences are not all at the same position (as the reference),
 devices other than the CPU, and training (no autograd through the kernels).
@@ -39,7 +40,7 @@ from offloadkit.kernels.cpu_core import storage_view
 from offloadkit.kernels.cpu_lane import causal_attention, layer_norm, rms_norm, use_torch_attention
 from offloadkit.kernels.cpu_stream import machine_label
 from offloadkit.model.reference import KVCache, ReferenceModel
-from offloadkit.model.rope import apply_rope, rotary_tables
+from offloadkit.model.rope import rotary_tables
 from offloadkit.model.spec import ModelSpec
 from offloadkit.runtime.timeline import TaskRecord, Timeline
 
@@ -57,7 +58,7 @@ class CpuEngine(ReferenceModel):
         self._experts: dict[str, ExpertWeights] = {}
         self._norms: dict[str, np.ndarray] = {}
         self._nbytes: dict[str, int] = {}
-        self._attn_weights: dict[int, tuple[int, int]] = {}
+        self._attn_weights: dict[tuple[int, str], tuple[int, int]] = {}
         self.machine = machine_label()
         self.timeline = self._new_timeline()
         self._step = 0
@@ -120,23 +121,19 @@ class CpuEngine(ReferenceModel):
             y = rms_norm(flat, self._f32(f"{prefix}.weight"), self.spec.norm_eps)
         return torch.from_numpy(y).view(x.shape)
 
-    def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                  cache: KVCache | None) -> torch.Tensor:
-        """The reference's attention, with the core on the Numba kernel (over the cache in place)."""
-        s, p = self.spec, f"model.layers.{layer}.self_attn"
-        b, t, _ = x.shape
+    def attention_core(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                       cache: KVCache | None) -> torch.Tensor:
+        """The reference's attention core on the Numba kernel, reading the cache in place."""
+        s = self.spec
+        b, _, t, _ = q.shape
         if use_torch_attention(t, start):
-            return super().attention(layer, x, cos, sin, start, cache)
-        q = self.linear(x, f"{p}.q_proj").view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
-        k = self.linear(x, f"{p}.k_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.linear(x, f"{p}.v_proj").view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous()
+            return super().attention_core(layer, q, k, v, start, cache)
+        q, k = q.contiguous(), k.contiguous()
         if cache is not None:
             cache.update(layer, k, v)
             k, v = cache.k[layer], cache.v[layer]  # the whole buffers: the kernel reads [0, start + t)
         o = causal_attention(q.numpy(), k.numpy(), v.contiguous().numpy(), start + t, start, s.sliding_window)
-        return self.linear(torch.from_numpy(o).transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim),
-                           f"{p}.o_proj")
+        return torch.from_numpy(o).transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim)
 
     def _swiglu(self, prefix: str, names: tuple[str, str, str], x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(expert_rows(x.contiguous(), self._expert_weights(prefix, names)))
@@ -181,24 +178,35 @@ class CpuEngine(ReferenceModel):
                 out = out + torch.sigmoid(self.linear(x, f"{m}.shared_expert_gate")) * y
         return out
 
-    def _attention_cost(self, layer: int, tokens: int, start: int) -> tuple[int, int]:
-        """(bytes, flops) of one attention task: projection weights and KV read; projections and core."""
-        s, p = self.spec, f"model.layers.{layer}.self_attn"
-        if layer not in self._attn_weights:
-            names = [n for n in (f"{p}.{x}_proj.{k}" for x in "qkvo" for k in ("weight", "bias")) if n in self.weights]
-            self._attn_weights[layer] = (self._bytes(*names), sum(self.weights[n].numel() for n in names))
-        weight_bytes, params = self._attn_weights[layer]
-        keys = start + tokens
-        kv_bytes = 2 * keys * s.n_kv_heads * s.head_dim * 4
-        return weight_bytes + kv_bytes, 2 * tokens * params + 4 * tokens * keys * s.n_heads * s.head_dim
+    def _projection_cost(self, layer: int, projections: str, tokens: int) -> tuple[int, int]:
+        """(bytes, flops) of the ``projections`` (e.g. ``"qkv"``, ``"o"``) of a layer for ``tokens`` tokens."""
+        key = (layer, projections)
+        if key not in self._attn_weights:
+            p = f"model.layers.{layer}.self_attn"
+            names = [n for n in (f"{p}.{x}_proj.{k}" for x in projections for k in ("weight", "bias"))
+                     if n in self.weights]
+            self._attn_weights[key] = (self._bytes(*names), sum(self.weights[n].numel() for n in names))
+        weight_bytes, params = self._attn_weights[key]
+        return weight_bytes, 2 * tokens * params
+
+    def _core_cost(self, batch: int, tokens: int, start: int) -> tuple[int, int]:
+        """(bytes, flops) of the attention core: the f32 KV cache read, QK^T and PV for every head."""
+        s, keys = self.spec, start + tokens
+        kv_bytes = batch * 2 * keys * s.n_kv_heads * s.head_dim * 4
+        return kv_bytes, batch * 4 * tokens * keys * s.n_heads * s.head_dim
 
     def decoder_layer(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                       cache: KVCache | None, routing: dict | None) -> torch.Tensor:
         p, (b, t, d) = f"model.layers.{layer}", h.shape
         with self._task("attn_norm", "attn_norm", layer, 4 * d):
             x = self.norm(h, f"{p}.input_layernorm")
-        with self._task("attention", "attention", layer, *self._attention_cost(layer, b * t, start)):
-            h = h + self.attention(layer, x, cos, sin, start, cache)
+        # the three parts of attention, as the simulator's task graph names them
+        with self._task("attn_qkv", "attn_qkv", layer, *self._projection_cost(layer, "qkv", b * t)):
+            q, k, v = self.attn_qkv(layer, x, cos, sin)
+        with self._task("attention", "attention", layer, *self._core_cost(b, t, start)):
+            o = self.attention_core(layer, q, k, v, start, cache)
+        with self._task("attn_o", "attn_o", layer, *self._projection_cost(layer, "o", b * t)):
+            h = h + self.attn_o(layer, o)
         with self._task("ffn_norm", "ffn_norm", layer, 4 * d):
             x = self.norm(h, f"{p}.post_attention_layernorm")
         if self.spec.is_moe_layer(layer):
