@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from offloadkit.model.moe import swiglu
-from offloadkit.model.reference import KVCache, ReferenceModel, causal_attention
+from offloadkit.model.reference import KVCache, ReferenceModel
 from offloadkit.model.rope import apply_rope, rotary_tables
 from offloadkit.runtime.tasks import Task
 
@@ -111,9 +111,8 @@ class NumericsExecutor:
         k = qkv[..., q_out:q_out + kv_out].reshape(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = qkv[..., q_out + kv_out:].reshape(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        k, v = self.cache.update(layer, k, v)
-        o = causal_attention(q, k, v, self.start, s.sliding_window)
-        self.v[f"L{layer}.o"] = o.transpose(1, 2).reshape(b * t, q_out)
+        o = self.model.attention_core(layer, q, k, v, self.start, self.cache)  # the reference's core
+        self.v[f"L{layer}.o"] = o.reshape(b * t, q_out)
 
     def _attn_o(self, task: Task) -> None:
         layer, (r0, r1) = task.layer, task.rows
