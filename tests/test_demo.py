@@ -66,3 +66,4 @@ def test_run_demo_prints_breakdown_text_and_routing():
     assert "mixtral-8x7b" in text and "routed experts" in text
     assert "demo-mixtral" in text and f"measured on {cpu_model()}" in text
     assert "normalized entropy" in text
+    assert "plan ngl:" in text and "simulated on rtx4090-desktop" in text
