@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from offloadkit.hardware.probe_cuda import memory_bandwidth_gbps
+
 
 def time_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median milliseconds of ``fn`` on the current stream (CUDA events), after two warm-up calls."""
@@ -34,14 +36,6 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
-
-
-def device_bandwidth_gbps(repeats: int) -> float:
-    """Measured device memory bandwidth: a 1 GiB copy moves 2 GiB (read + write)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), repeats)
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def bench_expert(dtype: torch.dtype, repeats: int, hidden: int = 4096, inter: int = 14336) -> list[dict]:
@@ -91,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     name = torch.cuda.get_device_name()
-    peak = device_bandwidth_gbps(args.repeats)
+    peak = memory_bandwidth_gbps(2**30, args.repeats)  # the probe's measurement: one physical limit
     print(f"measured on {name}; device memory bandwidth (1 GiB copy, read + write): {peak:.0f} GB/s\n")
     for dtype in (torch.bfloat16, torch.float16):
         print(f"expert_swiglu, Mixtral-8x7B expert 4096 x 14336, {str(dtype)[6:]} weights (measured)")
