@@ -29,6 +29,10 @@ class DTypeError(CheckpointError):
     """A tensor is stored in a dtype offloadkit cannot compute with."""
 
 
+class KernelInputError(OffloadkitError, ValueError):
+    """Arguments a kernel (CPU or CUDA) cannot compute with: wrong shapes, dtypes, slices or layouts."""
+
+
 class ModelNotFoundError(OffloadkitError):
     """A model name or path that resolves to nothing."""
 

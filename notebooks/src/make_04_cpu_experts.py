@@ -36,7 +36,8 @@ from offloadkit.bench.kernels import time_call
 from offloadkit.kernels import cpu_steps
 from offloadkit.kernels.cpu import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
 from offloadkit.kernels.cpu_core import to_float32
-from offloadkit.kernels.cpu_stream import machine_label, read_gbps
+from offloadkit.hardware.machine import machine_label
+from offloadkit.kernels.cpu_stream import read_gbps
 
 torch.set_num_threads(2)
 MACHINE = machine_label()

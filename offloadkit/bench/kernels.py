@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from offloadkit.hardware.machine import machine_label
 from offloadkit.kernels.cpu import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
 from offloadkit.kernels.cpu_lane import compare_lane_ops
-from offloadkit.kernels.cpu_stream import machine_label, stream_read
+from offloadkit.kernels.cpu_stream import stream_read
 from offloadkit.paths import demo_model_dir
 
 DECODE_TOKENS = (1, 2, 4, 8)

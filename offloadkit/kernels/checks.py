@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from offloadkit.errors import OffloadkitError
+from offloadkit.errors import KernelInputError, OffloadkitError
 
 #: Dtypes a weight (or a KV cache) may be stored in; activations are always f32.
 WEIGHT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -65,9 +65,11 @@ def check_rows(rows: tuple[int, int] | None, n_rows: int, block: str = "the bloc
     try:
         r0, r1 = (int(r) for r in rows)
     except (TypeError, ValueError):
-        raise OffloadkitError(f"rows must be a pair (r0, r1), got {rows!r}") from None
-    if not 0 <= r0 <= r1 <= n_rows:
-        raise OffloadkitError(f"the slice rows [{r0}, {r1}) lies outside {block}, which has rows [0, {n_rows})")
+        raise KernelInputError(f"rows must be a pair (r0, r1), got {rows!r}") from None
+    if r0 > r1:
+        raise KernelInputError(f"the slice rows [{r0}, {r1}) has r0 > r1; a slice is [r0, r1) with r0 <= r1")
+    if r0 < 0 or r1 > n_rows:
+        raise KernelInputError(f"the slice rows [{r0}, {r1}) lies outside {block} [0, {n_rows})")
     return r0, r1
 
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from offloadkit.kernels.cpu_core import STORAGE, KernelInputError, storage_view
+from offloadkit.errors import KernelInputError
+from offloadkit.kernels.checks import check_rows
+from offloadkit.kernels.cpu_core import STORAGE, storage_view
 from offloadkit.kernels.cpu_decode import expert_decode, rows_dot
 from offloadkit.kernels.cpu_prefill import expert_prefill, linear_prefill
 
@@ -86,21 +88,6 @@ class ExpertWeights:
 # ---- checking --------------------------------------------------------------------------------------
 
 
-def check_rows(rows: tuple[int, int] | None, size: int) -> tuple[int, int]:
-    """``rows`` as a valid ``(r0, r1)`` of ``[0, size)`` (``None``: all of it)."""
-    if rows is None:
-        return 0, size
-    try:
-        r0, r1 = (int(r) for r in rows)
-    except (TypeError, ValueError):
-        raise KernelInputError(f"rows must be a pair (r0, r1), got {rows!r}") from None
-    if r0 > r1:
-        raise KernelInputError(f"rows ({r0}, {r1}): r0 > r1; a slice is [r0, r1) with r0 <= r1")
-    if r0 < 0 or r1 > size:
-        raise KernelInputError(f"rows ({r0}, {r1}) outside the intermediate dimension [0, {size})")
-    return r0, r1
-
-
 def check_activations(x: np.ndarray | torch.Tensor, hidden: int) -> np.ndarray:
     """``x`` as a C-contiguous f32 numpy array [n, hidden] (a view when it already is one)."""
     if isinstance(x, torch.Tensor):
@@ -147,7 +134,7 @@ def expert_rows(x: np.ndarray | torch.Tensor, weights: ExpertWeights, rows: tupl
     ``"decode"`` or ``"prefill"`` kernel (both compute the same numbers up to summation order).
     """
     x = check_activations(x, weights.hidden)
-    r0, r1 = check_rows(rows, weights.intermediate)
+    r0, r1 = check_rows(rows, weights.intermediate, "the intermediate dimension")
     out = _check_out(out, (x.shape[0], weights.hidden))
     kernel = _choose(path, x.shape[0], weights.dtype)
     if x.shape[0] == 0 or r0 == r1:

@@ -33,7 +33,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from offloadkit.errors import OffloadkitError
+from offloadkit.errors import KernelInputError
 
 #: Options shared by every CPU kernel: vectorize freely, release the GIL, cache the machine code.
 FAST = dict(fastmath=True, nogil=True, cache=True)
@@ -41,10 +41,6 @@ FAST = dict(fastmath=True, nogil=True, cache=True)
 #: Kernel storage dtype of each stored weight dtype (see the module docstring).
 STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16)}
 _TORCH_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class KernelInputError(OffloadkitError, ValueError):
-    """Arguments a CPU kernel cannot compute with: wrong shapes, dtypes, slices or layouts."""
 
 
 # ---- widening ------------------------------------------------------------------------------------
@@ -260,5 +256,5 @@ def widen_cols(w: np.ndarray, c0: int, c1: int, out: np.ndarray) -> None:
         _widen_cols_parallel(w, c0, c1, out, numba.get_num_threads())
 
 
-__all__ = ["FAST", "STORAGE", "KernelInputError", "dot2_t1", "dot2_t2", "dot2_t4", "dot_t1", "dot_t2", "dot_t4",
+__all__ = ["FAST", "STORAGE", "dot2_t1", "dot2_t2", "dot2_t4", "dot_t1", "dot_t2", "dot_t4",
            "silu_mul", "storage_view", "to_float32", "widen", "widen_cols", "widen_rows"]

@@ -22,7 +22,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from offloadkit.hardware.machine import cpu_model, machine_label
 from offloadkit.kernels.cpu_core import FAST
 
 
@@ -68,4 +67,4 @@ def read_gbps(arrays: Sequence[np.ndarray], repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-__all__ = ["cpu_model", "machine_label", "read_gbps", "stream_read"]
+__all__ = ["read_gbps", "stream_read"]

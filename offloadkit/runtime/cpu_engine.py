@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from offloadkit.errors import OffloadkitError
+from offloadkit.hardware.machine import machine_label
 from offloadkit.kernels.cpu import ExpertWeights, expert_rows, linear
 from offloadkit.kernels.cpu_core import storage_view
 from offloadkit.kernels.cpu_lane import causal_attention, layer_norm, rms_norm, use_torch_attention
-from offloadkit.kernels.cpu_stream import machine_label
 from offloadkit.model.reference import KVCache, ReferenceModel
 from offloadkit.model.rope import rotary_tables
 from offloadkit.model.spec import ModelSpec
