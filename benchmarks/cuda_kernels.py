@@ -39,14 +39,14 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_expert(dtype: torch.dtype, repeats: int, hidden: int = 4096, inter: int = 14336) -> list[dict]:
-    from offloadkit.kernels import cuda_ops
+    from offloadkit.kernels.cuda import ops
 
     w = [torch.randn(*s, device="cuda").to(dtype) * 0.02 for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
     weight_bytes = sum(t.numel() * t.element_size() for t in w)
     rows = []
-    for n in range(1, cuda_ops.MAX_DECODE_TOKENS + 1):
+    for n in range(1, ops.MAX_DECODE_TOKENS + 1):
         x, out = torch.randn(n, hidden, device="cuda"), torch.zeros(n, hidden, device="cuda")
-        ms = time_ms(lambda x=x, out=out: cuda_ops.expert_swiglu(x, *w, out), repeats)
+        ms = time_ms(lambda x=x, out=out: ops.expert_swiglu(x, *w, out), repeats)
         rows.append({"tokens": n, "ms": ms, "gbps": weight_bytes / (ms * 1e-3) / 1e9})
     return rows
 
@@ -54,14 +54,14 @@ def bench_expert(dtype: torch.dtype, repeats: int, hidden: int = 4096, inter: in
 def bench_attention(repeats: int, lengths=(512, 2048, 8192, 32768), batch: int = 1) -> list[dict]:
     import torch.nn.functional as F
 
-    from offloadkit.kernels import cuda_ops
+    from offloadkit.kernels.cuda import ops
 
     heads, kv, dim = 32, 8, 128
     rows = []
     for length in lengths:
         q = torch.randn(batch, heads, dim, device="cuda")
         k, v = (torch.randn(batch, kv, length, dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-        ours = time_ms(lambda q=q, k=k, v=v, n=length: cuda_ops.attention_decode(q, k, v, n), repeats)
+        ours = time_ms(lambda q=q, k=k, v=v, n=length: ops.attention_decode(q, k, v, n), repeats)
         qb = q.to(torch.bfloat16)[:, :, None]
         sdpa = time_ms(lambda qb=qb, k=k, v=v: F.scaled_dot_product_attention(qb, k, v, enable_gqa=True), repeats)
         cache_bytes = 2 * k.numel() * k.element_size()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from offloadkit.kernels.cuda import cupy_status
+    from offloadkit.kernels.cuda.loader import cupy_status
 
     ok, why = cupy_status()
     if not (ok and torch.cuda.is_available()):

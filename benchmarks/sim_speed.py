@@ -16,7 +16,7 @@ import os
 import platform
 import time
 
-from offloadkit.hardware.profile import load_profile
+from offloadkit.hardware.catalog import load_profile
 from offloadkit.model.zoo import load_spec
 from offloadkit.plan.plans import Workload, max_ngl
 from offloadkit.runtime.sim import simulate

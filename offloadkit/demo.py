@@ -14,12 +14,12 @@ import sys
 from typing import TextIO
 
 from offloadkit.hardware.catalog import load_profile
+from offloadkit.model.expert_usage import expert_counts, normalized_entropy, usage_bar
 from offloadkit.model.generate import SamplingConfig, stream_text
-from offloadkit.model.loader import load_reference
-from offloadkit.model.routing import expert_counts, normalized_entropy, usage_bar
 from offloadkit.model.summary import format_breakdown, human
 from offloadkit.model.zoo import load_spec, zoo_names
 from offloadkit.plan.plans import Workload, max_ngl
+from offloadkit.runtime.engines import load_engine
 from offloadkit.runtime.sim import simulate
 
 PROMPTS = ("The \"for\" statement is used to", "A class definition")
@@ -46,7 +46,7 @@ def run_demo(max_new_tokens: int = 80, out: TextIO | None = None) -> None:
                   f"{100 * 24 * 2**30 / big.total_bytes:.0f}% of the model fits; a token reads only "
                   f"{human(big.bytes_of(big.active_params), 'B')} of it.\n\n")
         run_simulation(big, out)
-    model, tok = load_reference("demo")
+    model, tok = load_engine("reference", "demo")
     spec = model.spec
     out.write(f"{rule}\nThe demo model: a small Mixtral trained on Python's documentation\n{rule}\n")
     out.write(format_breakdown(spec) + "\n\n")

@@ -42,7 +42,7 @@ def test_unsupported_architecture_from_cli(tmp_path):
 def test_make_model_then_generate_matches_the_reference(tmp_path, capsys):
     import torch
 
-    from offloadkit.model.loader import load_reference
+    from offloadkit.runtime.engines import load_engine
 
     out = tmp_path / "tiny"
     assert main(["make-model", "--arch", "qwen2_moe", "--out", str(out), "--layers", "2", "--hidden", "32",
@@ -50,7 +50,7 @@ def test_make_model_then_generate_matches_the_reference(tmp_path, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     assert f"measured on {cpu_model()}" in printed and "engine: reference" in printed
-    model, tok = load_reference(out)
+    model, tok = load_engine("reference", out)
     ids = tok.encode("hi")
     expected = model.greedy(torch.tensor([ids]), 6)[0].tolist()
     stop = next((i for i, t in enumerate(expected) if t in tok.eos_ids), len(expected) - 1)

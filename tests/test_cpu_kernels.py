@@ -10,10 +10,16 @@ from hypothesis import strategies as st
 
 from offloadkit.errors import OffloadkitError
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu import ExpertWeights, KernelInputError, expert_rows, expert_rows_torch, linear
-from offloadkit.kernels.cpu_core import storage_view, to_float32
-from offloadkit.kernels.cpu_lane import causal_attention, compare_lane_ops, layer_norm, rms_norm, use_torch_attention
-from offloadkit.kernels.cpu_stream import read_gbps, stream_read
+from offloadkit.hardware.stream import read_gbps, stream_read
+from offloadkit.kernels.cpu.experts import ExpertWeights, KernelInputError, expert_rows, expert_rows_torch, linear
+from offloadkit.kernels.cpu.norms_attention import (
+    causal_attention,
+    compare_lane_ops,
+    layer_norm,
+    rms_norm,
+    use_torch_attention,
+)
+from offloadkit.kernels.cpu.primitives import storage_view, to_float32
 from offloadkit.model.moe import swiglu
 from offloadkit.model.reference import causal_attention as torch_attention
 from offloadkit.model.reference import rms_norm as torch_rms_norm

@@ -16,8 +16,8 @@ import types
 import pytest
 from cuda.bindings import nvrtc as _nvrtc_bindings  # noqa: F401  (a missing test extra fails here, loudly)
 
-from offloadkit.kernels import cuda, nvrtc
-from offloadkit.kernels.nvrtc import COMPUTE_CAPABILITIES, KERNELS, KernelCompileError
+from offloadkit.kernels.cuda import loader, nvrtc
+from offloadkit.kernels.cuda.nvrtc import COMPUTE_CAPABILITIES, KERNELS, KernelCompileError
 
 
 @pytest.mark.parametrize("arch", COMPUTE_CAPABILITIES)
@@ -53,12 +53,12 @@ def test_loader_hands_cupy_the_same_source_options_and_names(monkeypatch):
                                  cuda=types.SimpleNamespace(is_available=lambda: True,
                                                             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    cuda.load_module.cache_clear()
+    loader.load_module.cache_clear()
     try:
         for name in KERNELS:
-            cuda.load_module(name)
+            loader.load_module(name)
     finally:
-        cuda.load_module.cache_clear()
+        loader.load_module.cache_clear()
     for name, kwargs in zip(KERNELS, made, strict=True):
         assert kwargs["code"] == nvrtc.read_source(name)
         assert kwargs["options"] == nvrtc.compile_options()

@@ -1,4 +1,4 @@
-"""The CUDA kernels *run* on the CPU (one OS thread per CUDA thread, see offloadkit.kernels.emulate)
+"""The CUDA kernels *run* on the CPU (one OS thread per CUDA thread, see offloadkit.kernels.cuda.emulate)
 through the same wrappers a GPU run uses, and match their CPU twins: indexing, warp reductions, odd
 sizes, slices that start and end off the 16-byte grid, NaN-poisoned memory outside every slice.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offloadkit.kernels import cuda_ops, twins
-from offloadkit.kernels.emulate import EmulatorBackend, compiler
+from offloadkit.kernels.cuda import ops, twins
+from offloadkit.kernels.cuda.emulate import EmulatorBackend, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="the CPU emulation of CUDA kernels needs g++ (C++20)")
 
@@ -53,7 +53,7 @@ def test_expert_swiglu(emu, dtype, n, hidden, inter, rows):
     w = poisoned_expert(hidden, inter, rows, dtype, seed=n)
     x = torch.randn(n, hidden)
     out = torch.randn(n, hidden)
-    got = cuda_ops.expert_swiglu(x, *w, out.clone(), rows, backend=emu)
+    got = ops.expert_swiglu(x, *w, out.clone(), rows, backend=emu)
     close(got, twins.expert_swiglu(x, *w, out.clone(), rows))
 
 
@@ -61,10 +61,10 @@ def test_expert_swiglu_staged_slice_and_prefill(emu):
     wg, wu, wd = poisoned_expert(67, 45, (0, 45), torch.bfloat16, seed=1)
     staged = (wg[7:29].contiguous(), wu[7:29].contiguous(), wd[:, 7:29].contiguous())  # ld_down = 22, not I
     x, out = torch.randn(4, 67), torch.randn(4, 67)
-    close(cuda_ops.expert_swiglu(x, *staged, out.clone(), backend=emu),
+    close(ops.expert_swiglu(x, *staged, out.clone(), backend=emu),
           twins.expert_swiglu(x, wg, wu, wd, out.clone(), (7, 29)))
     x9 = torch.randn(9, 67)  # more than MAX_TOKENS: the torch (cuBLAS on a GPU) path, same contract
-    close(cuda_ops.expert_swiglu(x9, wg, wu, wd, torch.zeros(9, 67), (7, 29), backend=emu),
+    close(ops.expert_swiglu(x9, wg, wu, wd, torch.zeros(9, 67), (7, 29), backend=emu),
           twins.expert_swiglu(x9, wg, wu, wd, torch.zeros(9, 67), (7, 29)))
 
 
@@ -73,10 +73,10 @@ def test_expert_swiglu_staged_slice_and_prefill(emu):
 def test_norms(emu, dtype, rows, hidden):
     x = torch.randn(rows, hidden) * 3
     w, b = torch.randn(hidden).to(dtype), torch.randn(hidden).to(dtype)
-    close(cuda_ops.rms_norm(x, w, 1e-5, backend=emu), twins.rms_norm(x, w, 1e-5))
-    close(cuda_ops.layer_norm(x, w, b, 1e-5, backend=emu), twins.layer_norm(x, w, b, 1e-5))
+    close(ops.rms_norm(x, w, 1e-5, backend=emu), twins.rms_norm(x, w, 1e-5))
+    close(ops.layer_norm(x, w, b, 1e-5, backend=emu), twins.layer_norm(x, w, b, 1e-5))
     y = x.clone()
-    cuda_ops.rms_norm(y, w, 1e-6, out=y, backend=emu)  # in place
+    ops.rms_norm(y, w, 1e-6, out=y, backend=emu)  # in place
     close(y, twins.rms_norm(x, w, 1e-6))
 
 
@@ -84,7 +84,7 @@ def test_norms(emu, dtype, rows, hidden):
 def test_rope(emu, n, heads, dim):
     x, cos, sin = torch.randn(n, heads, dim), torch.randn(n, dim), torch.randn(n, dim)
     got = x.clone()
-    cuda_ops.rope(got, cos, sin, backend=emu)
+    ops.rope(got, cos, sin, backend=emu)
     close(got, twins.rope(x.clone(), cos, sin))
 
 
@@ -92,7 +92,7 @@ def test_rope(emu, n, heads, dim):
     (8, 2, True, False), (60, 4, False, True), (5, 5, True, False), (33, 3, True, True)])
 def test_router_softmax_topk(emu, n_experts, top_k, normalize, shared):
     logits = torch.randn(6, n_experts + shared) * 2
-    got = cuda_ops.router_topk(logits, top_k, normalize=normalize, shared_gate=shared, backend=emu)
+    got = ops.router_topk(logits, top_k, normalize=normalize, shared_gate=shared, backend=emu)
     want = twins.router_topk(logits, top_k, normalize=normalize, shared_gate=shared)
     assert torch.equal(got[1], want[1])
     close(got[0], want[0])
@@ -103,7 +103,7 @@ def test_router_softmax_topk(emu, n_experts, top_k, normalize, shared):
 @pytest.mark.parametrize("jitter_eps", [0.01, 0.3, 2.0])  # from "only the max" to "nothing masked"
 def test_router_sparsemixer(emu, jitter_eps):
     logits = torch.randn(9, 16)
-    got = cuda_ops.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps, backend=emu)
+    got = ops.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps, backend=emu)
     want = twins.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps)
     assert torch.equal(got[1], want[1])
     close(got[0], want[0])
@@ -113,12 +113,12 @@ def test_router_sparsemixer(emu, jitter_eps):
 def test_moe_permute_unpermute(emu, n, k, n_experts, hidden):
     x = torch.randn(n, hidden)
     experts = torch.stack([torch.randperm(n_experts)[:k] for _ in range(n)])  # > 256 picks: several rounds
-    got = cuda_ops.moe_permute(x, experts, n_experts, backend=emu)
+    got = ops.moe_permute(x, experts, n_experts, backend=emu)
     want = twins.moe_permute(x, experts, n_experts)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     y_perm, weights, out = torch.randn(n * k, hidden), torch.rand(n, k), torch.randn(n, hidden)
-    close(cuda_ops.moe_unpermute(y_perm, want[2], weights, out.clone(), backend=emu),
+    close(ops.moe_unpermute(y_perm, want[2], weights, out.clone(), backend=emu),
           twins.moe_unpermute(y_perm, want[2], weights, out.clone()))
 
 
@@ -132,5 +132,5 @@ def test_attention_decode(emu, dtype, b, heads, kv, dim, length, window):
     q = torch.randn(b, heads, dim)
     k, v = (torch.randn(b, kv, length + 3, dim).to(dtype) for _ in range(2))
     k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # capacity past the length is never read
-    close(cuda_ops.attention_decode(q, k, v, length, window, backend=emu),
+    close(ops.attention_decode(q, k, v, length, window, backend=emu),
           twins.attention_decode(q, k, v, length, window))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_cuda_emulated import poisoned_expert
 
-from offloadkit.kernels import cuda_ops, twins
-from offloadkit.kernels.cuda import cupy_status
+from offloadkit.kernels.cuda import ops, twins
+from offloadkit.kernels.cuda.loader import cupy_status
 
 _OK, _WHY = cupy_status()
 if _OK and not torch.cuda.is_available():
@@ -40,7 +40,7 @@ def test_expert_swiglu(dtype, n, hidden, inter, rows):
     x, out = torch.randn(n, hidden, device=DEV), torch.randn(n, hidden, device=DEV)
     expected = twins.expert_swiglu(x, *w, out.clone(), rows)
     got = out.clone()
-    assert cuda_ops.expert_swiglu(x, *w, got, rows) is got  # accumulated in place, no copy
+    assert ops.expert_swiglu(x, *w, got, rows) is got  # accumulated in place, no copy
     torch.cuda.synchronize()
     close(got, expected)
 
@@ -52,11 +52,11 @@ def test_expert_swiglu_on_a_side_stream_staged_and_prefill():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     got = torch.zeros(5, 512, device=DEV)
-    cuda_ops.expert_swiglu(x, *staged, got, stream=side)
+    ops.expert_swiglu(x, *staged, got, stream=side)
     side.synchronize()
     close(got, twins.expert_swiglu(x, wg, wu, wd, torch.zeros_like(got), (40, 200)))
     x20 = torch.randn(20, 512, device=DEV)  # prefill: cuBLAS through torch
-    close(cuda_ops.expert_swiglu(x20, wg, wu, wd, torch.zeros(20, 512, device=DEV), (40, 200)),
+    close(ops.expert_swiglu(x20, wg, wu, wd, torch.zeros(20, 512, device=DEV), (40, 200)),
           twins.expert_swiglu(x20, wg, wu, wd, torch.zeros(20, 512, device=DEV), (40, 200)))
 
 
@@ -65,15 +65,15 @@ def test_expert_swiglu_on_a_side_stream_staged_and_prefill():
 def test_norms(dtype, rows, hidden):
     x = torch.randn(rows, hidden, device=DEV) * 3
     w, b = (torch.randn(hidden, device=DEV).to(dtype) for _ in "wb")
-    close(cuda_ops.rms_norm(x, w, 1e-5), twins.rms_norm(x, w, 1e-5))
-    close(cuda_ops.layer_norm(x, w, b, 1e-5), twins.layer_norm(x, w, b, 1e-5))
+    close(ops.rms_norm(x, w, 1e-5), twins.rms_norm(x, w, 1e-5))
+    close(ops.layer_norm(x, w, b, 1e-5), twins.layer_norm(x, w, b, 1e-5))
 
 
 @pytest.mark.parametrize("n, heads, dim", [(1, 32, 128), (37, 8, 128), (5, 3, 10)])
 def test_rope(n, heads, dim):
     x, cos, sin = (torch.randn(*s, device=DEV) for s in ((n, heads, dim), (n, dim), (n, dim)))
     got = x.clone()
-    cuda_ops.rope(got, cos, sin)
+    ops.rope(got, cos, sin)
     close(got, twins.rope(x.clone(), cos, sin), 1e-5)
 
 
@@ -81,7 +81,7 @@ def test_rope(n, heads, dim):
     (1, 8, 2, True, False), (64, 60, 4, False, True), (33, 64, 8, True, True), (5, 256, 6, True, False)])
 def test_router_softmax_topk(n, n_experts, top_k, normalize, shared):
     logits = torch.randn(n, n_experts + shared, device=DEV) * 2
-    got = cuda_ops.router_topk(logits, top_k, normalize=normalize, shared_gate=shared)
+    got = ops.router_topk(logits, top_k, normalize=normalize, shared_gate=shared)
     want = twins.router_topk(logits, top_k, normalize=normalize, shared_gate=shared)
     assert torch.equal(got[1], want[1])
     close(got[0], want[0], 1e-5)
@@ -92,7 +92,7 @@ def test_router_softmax_topk(n, n_experts, top_k, normalize, shared):
 @pytest.mark.parametrize("jitter_eps", [0.01, 0.3, 2.0])
 def test_router_sparsemixer(jitter_eps):
     logits = torch.randn(100, 16, device=DEV)
-    got = cuda_ops.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps)
+    got = ops.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps)
     want = twins.router_topk(logits, 2, mode="sparsemixer", jitter_eps=jitter_eps)
     assert torch.equal(got[1], want[1])
     close(got[0], want[0], 1e-5)
@@ -102,12 +102,12 @@ def test_router_sparsemixer(jitter_eps):
 def test_moe_permute_unpermute(n, k, n_experts, hidden):
     x = torch.randn(n, hidden, device=DEV)
     experts = torch.stack([torch.randperm(n_experts)[:k] for _ in range(n)]).to(DEV)
-    got = cuda_ops.moe_permute(x, experts, n_experts)
+    got = ops.moe_permute(x, experts, n_experts)
     want = twins.moe_permute(x, experts, n_experts)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     y_perm, weights, out = (torch.randn(*s, device=DEV) for s in ((n * k, hidden), (n, k), (n, hidden)))
-    close(cuda_ops.moe_unpermute(y_perm, want[2], weights, out.clone()),
+    close(ops.moe_unpermute(y_perm, want[2], weights, out.clone()),
           twins.moe_unpermute(y_perm, want[2], weights, out.clone()), 1e-5)
 
 
@@ -118,4 +118,4 @@ def test_attention_decode(dtype, b, heads, kv, dim, length, window):
     q = torch.randn(b, heads, dim, device=DEV)
     k, v = (torch.randn(b, kv, length + 5, dim, device=DEV).to(dtype) for _ in "kv")
     k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")
-    close(cuda_ops.attention_decode(q, k, v, length, window), twins.attention_decode(q, k, v, length, window))
+    close(ops.attention_decode(q, k, v, length, window), twins.attention_decode(q, k, v, length, window))

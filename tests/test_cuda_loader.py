@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from offloadkit import CudaUnavailableError, OffloadkitError
-from offloadkit.kernels import cuda, cuda_ops, twins
 from offloadkit.kernels.checks import check_tensor
-from offloadkit.kernels.emulate import EmulatorBackend
+from offloadkit.kernels.cuda import loader, ops, twins
+from offloadkit.kernels.cuda.emulate import EmulatorBackend
 
 CPU_BACKEND = EmulatorBackend()  # device_type "cpu": the checks run as for a GPU, without one
 
@@ -24,53 +24,53 @@ def expert(dtype=torch.bfloat16, n=2, hidden=16, inter=24):
             torch.randn(hidden, inter).to(dtype), torch.zeros(n, hidden))
 
 
-@pytest.mark.skipif(cuda.cuda_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(loader.cuda_available(), reason="this machine has CUDA")
 def test_no_cuda_says_which_cupy_to_install():
-    ok, why = cuda.cupy_status()
+    ok, why = loader.cupy_status()
     assert not ok and "cupy-cuda12x" in why and "cupy-cuda13x" in why
     with pytest.raises(CudaUnavailableError, match="cupy-cuda12x"):
-        cuda.require_cupy()
+        loader.require_cupy()
     with pytest.raises(CudaUnavailableError):
-        cuda.load_module("rope")
+        loader.load_module("rope")
 
 
-@pytest.mark.skipif(cuda.cuda_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(loader.cuda_available(), reason="this machine has CUDA")
 def test_cpu_tensors_are_refused_by_the_gpu_kernels():
     with pytest.raises(OffloadkitError, match="x is on cpu, the kernel runs on cuda"):
-        cuda_ops.expert_swiglu(*expert())
+        ops.expert_swiglu(*expert())
     with pytest.raises(OffloadkitError, match="is on cpu"):
-        cuda_ops.rope(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
+        ops.rope(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
 
 
 def test_wrong_dtype_is_refused():
     x, wg, wu, wd, out = expert()
     with pytest.raises(OffloadkitError, match="w_up has dtype float16; this kernel takes bfloat16"):
-        cuda_ops.expert_swiglu(x, wg, wu.half(), wd, out, backend=CPU_BACKEND)
+        ops.expert_swiglu(x, wg, wu.half(), wd, out, backend=CPU_BACKEND)
     with pytest.raises(OffloadkitError, match="experts has dtype int32"):
-        cuda_ops.moe_permute(x, torch.zeros(2, 2, dtype=torch.int32), 4, backend=CPU_BACKEND)
+        ops.moe_permute(x, torch.zeros(2, 2, dtype=torch.int32), 4, backend=CPU_BACKEND)
     with pytest.raises(OffloadkitError, match="q has dtype bfloat16"):
-        cuda_ops.attention_decode(torch.randn(1, 2, 8).bfloat16(), *(torch.randn(1, 2, 4, 8) for _ in "kv"), 3,
+        ops.attention_decode(torch.randn(1, 2, 8).bfloat16(), *(torch.randn(1, 2, 4, 8) for _ in "kv"), 3,
                                   backend=CPU_BACKEND)
 
 
 def test_non_contiguous_is_refused_not_copied():
     x, wg, wu, wd, out = expert()
     with pytest.raises(OffloadkitError, match="w_down .* is not contiguous"):
-        cuda_ops.expert_swiglu(x, wg, wu, wd.t().contiguous().t(), out, backend=CPU_BACKEND)
+        ops.expert_swiglu(x, wg, wu, wd.t().contiguous().t(), out, backend=CPU_BACKEND)
     q = torch.randn(4, 3, 8).transpose(0, 1)
     with pytest.raises(OffloadkitError, match="x .* is not contiguous"):
-        cuda_ops.rope(q, torch.randn(3, 8), torch.randn(3, 8), backend=CPU_BACKEND)
+        ops.rope(q, torch.randn(3, 8), torch.randn(3, 8), backend=CPU_BACKEND)
     with pytest.raises(OffloadkitError, match="not contiguous"):
         twins.rope(q, torch.randn(3, 8), torch.randn(3, 8))
 
 
 def test_a_slice_outside_the_block_is_refused():
     with pytest.raises(OffloadkitError, match=r"the slice rows \[20, 25\) lies outside .*\(I = 24\)"):
-        cuda_ops.expert_swiglu(*expert(), rows=(20, 25), backend=CPU_BACKEND)
+        ops.expert_swiglu(*expert(), rows=(20, 25), backend=CPU_BACKEND)
     with pytest.raises(OffloadkitError, match=r"rows \[5, 3\)"):
-        cuda_ops.expert_swiglu(*expert(), rows=(5, 3), backend=CPU_BACKEND)
+        ops.expert_swiglu(*expert(), rows=(5, 3), backend=CPU_BACKEND)
     with pytest.raises(OffloadkitError, match=r"w_down has shape \(24, 15\), expected \[16, 24\]"):
-        cuda_ops.expert_swiglu(*expert()[:3], torch.randn(24, 15).bfloat16(), torch.zeros(2, 16), backend=CPU_BACKEND)
+        ops.expert_swiglu(*expert()[:3], torch.randn(24, 15).bfloat16(), torch.zeros(2, 16), backend=CPU_BACKEND)
 
 
 def test_check_tensor_messages():
@@ -114,13 +114,13 @@ def test_launch_path_with_a_stand_in_cupy(monkeypatch):
         cuda=types.SimpleNamespace(is_available=lambda: True, Device=Context, ExternalStream=Context,
                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cuda.CupyBackend, "device_type", "cpu")
-    cuda.load_module.cache_clear()
+    monkeypatch.setattr(loader.CupyBackend, "device_type", "cpu")
+    loader.load_module.cache_clear()
     try:
         x, wg, wu, wd, out = expert(n=3, inter=24)
-        cuda_ops.expert_swiglu(x, wg, wu, wd, out, rows=(5, 13), stream=types.SimpleNamespace(cuda_stream=1234))
+        ops.expert_swiglu(x, wg, wu, wd, out, rows=(5, 13), stream=types.SimpleNamespace(cuda_stream=1234))
     finally:
-        cuda.load_module.cache_clear()
+        loader.load_module.cache_clear()
     (name1, grid1, block1, args1, stream1), (name2, grid2, _, args2, _) = calls
     assert (name1, name2) == ("expert_gate_up<__nv_bfloat16>", "expert_down<__nv_bfloat16>")
     assert stream1 == 1234 and block1 == (128,) and grid1 == (2,) and grid2 == (4,)
@@ -130,7 +130,7 @@ def test_launch_path_with_a_stand_in_cupy(monkeypatch):
     assert all(isinstance(a, tuple | np.int32 | np.int64 | np.float32) for a in args1 + args2)
 
 
-@pytest.mark.skipif(cuda.cuda_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(loader.cuda_available(), reason="this machine has CUDA")
 def test_benchmark_says_there_is_no_cuda_and_exits_0(capsys):
     import importlib.util
     from pathlib import Path

@@ -32,20 +32,20 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_top_level_kernels_folder_is_the_packaged_one():
-    assert (REPO / "kernels").resolve() == (REPO / "offloadkit" / "kernels" / "cuda_src").resolve()
+    assert (REPO / "kernels").resolve() == (REPO / "offloadkit" / "kernels" / "cuda" / "src").resolve()
 
 
 def test_wheel_holds_every_kernel_source(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = sorted(p.name for p in (REPO / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".hpp"))
     assert {"expert_swiglu.cu", "common.cuh", "attention_decode.cu"} <= set(sources)
-    missing = [s for s in sources if f"offloadkit/kernels/cuda_src/{s}" not in names]
+    missing = [s for s in sources if f"offloadkit/kernels/cuda/src/{s}" not in names]
     assert not missing, f"not in {wheel.name}: {missing}"
 
 
 def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)  # a pure-Python wheel, unpacked, is an install
-    code = ("import offloadkit, offloadkit.kernels.nvrtc as n; print(offloadkit.__file__); "
+    code = ("import offloadkit, offloadkit.kernels.cuda.nvrtc as n; print(offloadkit.__file__); "
             "print(','.join(n.kernel_names())); print(len(n.read_source('expert_swiglu')))")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,

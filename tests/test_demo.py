@@ -11,16 +11,16 @@ import torch
 from offloadkit.demo import run_demo
 from offloadkit.hardware.machine import cpu_model
 from offloadkit.model.checkpoint import open_checkpoint
-from offloadkit.model.loader import load_reference
-from offloadkit.model.routing import expert_counts, normalized_entropy
+from offloadkit.model.expert_usage import expert_counts, normalized_entropy
 from offloadkit.paths import demo_model_dir
+from offloadkit.runtime.engines import load_engine
 
 WORD = re.compile(r"[A-Za-z]{2,}")
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_reference("demo")
+    return load_engine("reference", "demo")
 
 
 def test_demo_checkpoint_is_a_small_bf16_mixtral():

@@ -8,8 +8,8 @@ import torch
 from sim_fixtures import tiny
 
 from offloadkit.errors import PlanError, TraceError
+from offloadkit.model.expert_usage import expert_counts, normalized_entropy
 from offloadkit.model.reference import ReferenceModel
-from offloadkit.model.routing import expert_counts, normalized_entropy
 from offloadkit.model.zoo import load_spec
 from offloadkit.paths import data_dir
 from offloadkit.plan.routing import (

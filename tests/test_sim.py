@@ -13,7 +13,7 @@ from sim_fixtures import cpu_only, desktop, tiny
 
 from offloadkit.cli import main
 from offloadkit.errors import PlanError
-from offloadkit.hardware.profile import save_profile
+from offloadkit.hardware.toml_writer import save_profile
 from offloadkit.model.reference import ReferenceModel
 from offloadkit.model.zoo import load_spec
 from offloadkit.plan.costmodel import CostModel

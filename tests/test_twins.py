@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from offloadkit.errors import OffloadkitError
-from offloadkit.kernels import twins
+from offloadkit.kernels.cuda import twins
 from offloadkit.model.reference import ReferenceModel
 from offloadkit.model.rope import apply_rope, rotary_tables
 from offloadkit.model.spec import ModelSpec

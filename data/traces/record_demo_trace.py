@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from offloadkit.model.loader import load_reference
 from offloadkit.plan.routing import record_trace
+from offloadkit.runtime.engines import load_engine
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("demo-mixtral-pydoc.npz")))
     args = parser.parse_args()
 
-    model, tok = load_reference(args.model)
+    model, tok = load_engine("reference", args.model)
     text = pydoc_data.topics.topics["for"]
     ids = tok.encode(text)[: args.prompt_tokens]
     meta = {"source": "measured", "checkpoint": args.model, "prompt": "pydoc_data.topics.topics['for'] of Python "

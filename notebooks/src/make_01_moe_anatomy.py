@@ -63,10 +63,10 @@ M("""Three consequences drive the rest of the course:
 M("""## 4. A real checkpoint: the demo model
 
 The demo model has Mixtral's architecture (8 experts, top-2) at toy size. It was trained on this CPU from `pydoc_data/topics.py`, the help texts that ship with Python (the script is `data/models/demo-mixtral/train.py`). offloadkit opens its safetensors **memory-mapped** (bf16 stays bf16 on disk and in the map; the reference engine widens to f32 as it computes)."""),
-C("""from offloadkit.model.loader import load_reference
+C("""from offloadkit.runtime.engines import load_engine
 from offloadkit.model.generate import SamplingConfig, stream_text
 
-model, tok = load_reference("demo")
+model, tok = load_engine("reference", "demo")
 print(format_breakdown(model.spec))"""),
 C("""new = stream_text(model, tok, 'The "if" statement is used for', max_new_tokens=48)"""),
 M("""Sampling with a temperature and a seed gives varied but reproducible text:"""),
@@ -74,7 +74,7 @@ C("""new = stream_text(model, tok, "Exceptions", max_new_tokens=48, sampling=Sam
 M("""## 5. The routers learned something
 
 A randomly initialized router sends tokens to experts almost uniformly. A trained one does not: some experts are hot, some are cold, and it differs by layer. This is **measured** by running the demo model over a paragraph and counting which experts each token chose. (Later chapters use exactly these popularity counts: a hot expert earns GPU memory.)"""),
-C("""from offloadkit.model.routing import expert_counts, normalized_entropy
+C("""from offloadkit.model.expert_usage import expert_counts, normalized_entropy
 
 text = "The \\"while\\" statement is used for repeated execution as long as an expression is true. " * 3
 counts = expert_counts(model, tok.encode(text))

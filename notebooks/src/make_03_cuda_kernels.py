@@ -34,9 +34,9 @@ proven on machines that have no GPU:
 
 1. **NVRTC compiles** every kernel for compute capabilities 8.0, 8.6, 8.9 and 9.0 on every test run,
    with the options CuPy would use; it needs no driver and no GPU.
-2. **A CPU twin** (`offloadkit.kernels.twins`) is each kernel's specification in plain torch, built on
+2. **A CPU twin** (`offloadkit.kernels.cuda.twins`) is each kernel's specification in plain torch, built on
    the reference forward's own math.
-3. **A CPU emulation** (`offloadkit.kernels.emulate`) runs the very CUDA source, one OS thread per
+3. **A CPU emulation** (`offloadkit.kernels.cuda.emulate`) runs the very CUDA source, one OS thread per
    CUDA thread, and is compared with the twin.
 4. Where a GPU exists, the **GPU tests** compare the real kernels with their twins.
 
@@ -50,9 +50,9 @@ import re
 import time
 import torch
 import torch.nn.functional as F
-from offloadkit.kernels import cuda_ops, nvrtc, twins
-from offloadkit.kernels.cuda import Launch, cupy_status, i32
-from offloadkit.kernels.emulate import EmulatorBackend, compiler
+from offloadkit.kernels.cuda import nvrtc, ops, twins
+from offloadkit.kernels.cuda.loader import Launch, cupy_status, i32
+from offloadkit.kernels.cuda.emulate import EmulatorBackend, compiler
 from offloadkit.model.moe import swiglu
 
 torch.manual_seed(0)
@@ -232,8 +232,8 @@ if GPU or EMU:
         t0 = time.perf_counter()
         err = (run_draft(name, source, grid, block) - expected_act).abs().max().item()
         print(f"{name} {where}: max error {err:.1e} ({time.perf_counter() - t0:.1f} s)")
-    backend = cuda_ops.DEFAULT_BACKEND if GPU else EMU
-    got = cuda_ops.expert_swiglu(*(t.to(DEV) for t in (x, w_gate, w_up, w_down)), torch.zeros(n, H, device=DEV),
+    backend = ops.DEFAULT_BACKEND if GPU else EMU
+    got = ops.expert_swiglu(*(t.to(DEV) for t in (x, w_gate, w_up, w_down)), torch.zeros(n, H, device=DEV),
                                  (64, 131), backend=backend)
     want = twins.expert_swiglu(x, w_gate, w_up, w_down, torch.zeros(n, H), (64, 131))
     print(f"shipped expert_swiglu, slice [64, 131), {where}: max error vs twin {(got.cpu() - want).abs().max().item():.1e}")
@@ -313,19 +313,19 @@ E, K, KV, D, L = 8, 2, 2, 32, 19
 h = torch.randn(5, H, generator=g)
 norm_w = (1 + 0.1 * torch.randn(H, generator=g)).bfloat16()
 router = torch.randn(E, H, generator=g) / H**0.5
-backend = cuda_ops.DEFAULT_BACKEND if GPU else EMU
-ops = cuda_ops if backend else twins
+backend = ops.DEFAULT_BACKEND if GPU else EMU
+lane = ops if backend else twins
 kw = {"backend": backend} if backend else {}
 d = lambda t: t.to(DEV)
 
-xn = ops.rms_norm(d(h), d(norm_w), 1e-5, **kw)
-weights, experts, _ = ops.router_topk(xn @ d(router).T, K, **kw)           # the router GEMM: cuBLAS via torch
-x_perm, src_idx, dst_idx, offsets = ops.moe_permute(xn, experts, E, **kw)
+xn = lane.rms_norm(d(h), d(norm_w), 1e-5, **kw)
+weights, experts, _ = lane.router_topk(xn @ d(router).T, K, **kw)           # the router GEMM: cuBLAS via torch
+x_perm, src_idx, dst_idx, offsets = lane.moe_permute(xn, experts, E, **kw)
 y_perm = torch.cat([swiglu(x_perm[a:b], d(w_gate), d(w_up), d(w_down))   # one expert, reused: prefill path
                     for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)])
-moe_out = ops.moe_unpermute(y_perm, dst_idx, weights, torch.zeros_like(xn), **kw)
+moe_out = lane.moe_unpermute(y_perm, dst_idx, weights, torch.zeros_like(xn), **kw)
 q, kc, vc = torch.randn(5, 4, D, generator=g), torch.randn(5, KV, L + 3, D, generator=g), torch.randn(5, KV, L + 3, D, generator=g)
-attn = ops.attention_decode(d(q), d(kc).bfloat16(), d(vc).bfloat16(), L, **kw)
+attn = lane.attention_decode(d(q), d(kc).bfloat16(), d(vc).bfloat16(), L, **kw)
 
 t_xn = twins.rms_norm(h, norm_w, 1e-5)
 t_w, t_e, _ = twins.router_topk(t_xn @ router.T, K)
@@ -347,7 +347,7 @@ md(r"""
 ## What to take away
 
 - A kernel file in `kernels/` opens with what it computes, its launch shape and its roofline; its twin
-  in `offloadkit/kernels/twins.py` is the specification, written on top of the reference forward.
+  in `offloadkit/kernels/cuda/twins.py` is the specification, written on top of the reference forward.
 - *Coalescing* (a warp reads contiguous bytes), *reuse* (each weight read once for all tokens),
   *vector loads* (16 bytes per instruction) and *warp shuffles* (reductions without shared memory)
   are the four ideas that take the decode expert to the memory roofline.

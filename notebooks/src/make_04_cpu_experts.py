@@ -16,7 +16,7 @@ This chapter builds offloadkit's CPU expert step by step and measures each step 
 
 1. measure the machine's memory read (the ceiling);
 2. a naive loop → parallel rows → vectorized (`fastmath`) → bf16 weights widened in registers;
-3. the package's kernel, the full SwiGLU expert over a row slice (`offloadkit.kernels.cpu`);
+3. the package's kernel, the full SwiGLU expert over a row slice (`offloadkit.kernels.cpu.experts`);
 4. decode vs prefill: the roofline, and where the kernel switches to BLAS;
 5. the real CPU engine generating text, with its measured timeline.
 
@@ -33,11 +33,11 @@ import plotly.graph_objects as go
 import torch
 
 from offloadkit.bench.kernels import time_call
-from offloadkit.kernels import cpu_steps
-from offloadkit.kernels.cpu import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
-from offloadkit.kernels.cpu_core import to_float32
+from offloadkit.course import cpu_steps
+from offloadkit.kernels.cpu.experts import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
+from offloadkit.kernels.cpu.primitives import to_float32
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu_stream import read_gbps
+from offloadkit.hardware.stream import read_gbps
 
 torch.set_num_threads(2)
 MACHINE = machine_label()
@@ -47,7 +47,7 @@ print("measured on:", MACHINE, "| torch threads:", torch.get_num_threads())
 md(r"""
 ## 1. The ceiling: how fast can these threads read memory?
 
-A decode kernel reads each weight once, so its limit is a plain read of the same bytes with the same threads. `offloadkit.kernels.cpu_stream.read_gbps` reads every byte of the arrays it is given (contiguous runs, one per thread, XOR-folded so nothing is skipped). We use a matrix of 8192 × 4096 weights (W1 and W3 of a 4096-wide expert slice): 128 MiB in f32, 64 MiB in bf16, both well past the 32 MiB L3 cache, so every read comes from DRAM.
+A decode kernel reads each weight once, so its limit is a plain read of the same bytes with the same threads. `offloadkit.hardware.stream.read_gbps` reads every byte of the arrays it is given (contiguous runs, one per thread, XOR-folded so nothing is skipped). We use a matrix of 8192 × 4096 weights (W1 and W3 of a 4096-wide expert slice): 128 MiB in f32, 64 MiB in bf16, both well past the 32 MiB L3 cache, so every read comes from DRAM.
 """)
 
 code(r"""
@@ -104,9 +104,9 @@ fig
 md(r"""
 Steps 3 and 4 sit near the dashed line: from there on the kernel is as fast as the memory. Step 4 reads half the bytes of step 3 at about the same GB/s, so it takes about half the time: that is the whole point of keeping weights in bf16. Its result is exact up to summation order against the bf16 weights it reads; the difference from the f32 weights is bf16's own rounding (here truncation: `bits >> 16`), which the model's checkpoint already carries.
 
-## 3. The whole expert: `offloadkit.kernels.cpu`
+## 3. The whole expert: `offloadkit.kernels.cpu.experts`
 
-A SwiGLU expert is `y = W2 · (silu(W1 x) ⊙ W3 x)` over a slice `[r0, r1)` of its intermediate rows. The package kernel does it in two parallel passes (read `offloadkit/kernels/cpu_decode.py`):
+A SwiGLU expert is `y = W2 · (silu(W1 x) ⊙ W3 x)` over a slice `[r0, r1)` of its intermediate rows. The package kernel does it in two parallel passes (read `offloadkit/kernels/cpu/decode.py`):
 
 - **gate/up**: each thread streams a contiguous run of W1 and W3 rows (contiguous in the Hugging Face layout `[I, H]`) and computes both dot products for every token in one pass over the row — each weight byte is read once for all tokens;
 - **down**: `W2` is `[H, I]`, so a slice is a column block; instead of a strided walk, threads split the *output* rows and each reads the contiguous run `W2[j, r0:r1]`, so no two threads write the same output.

@@ -3,7 +3,7 @@
 One run measures, on each expert shape (a Mixtral-8x7B expert, 4096 x 14336, and the demo model's):
 
 - the **STREAM-like read** of the expert's own weight bytes with the same Numba threads (the ceiling
-  of a decode kernel, :mod:`offloadkit.kernels.cpu_stream`);
+  of a decode kernel, :mod:`offloadkit.hardware.stream`);
 - the **decode kernel** at n = 1, 2, 4, 8 tokens for bf16 and f32 weights: effective GB/s (weight
   bytes / time) and its ratio to the read, and **torch** (``F.linear`` x 3 + SiLU in the weights'
   dtype) on the same weights: GB/s and our speed-up over it;
@@ -12,7 +12,7 @@ One run measures, on each expert shape (a Mixtral-8x7B expert, 4096 x 14336, and
   where ``path="auto"`` takes the decode kernel instead (up to ``DECODE_MAX_TOKENS``), that kernel
   is measured too (rows ``auto``), since it is what the package runs at those token counts;
 - the CPU-lane ops around the experts (RMSNorm, LayerNorm, attention over a KV cache), Numba
-  against torch (:func:`offloadkit.kernels.cpu_lane.compare_lane_ops`).
+  against torch (:func:`offloadkit.kernels.cpu.norms_attention.compare_lane_ops`).
 
 Measurements are interleaved: each round times every case once (the best of a few calls), and
 each figure is the best over the rounds, so a neighbour's burst of load on a shared machine hits
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
-from offloadkit.kernels.cpu_lane import compare_lane_ops
-from offloadkit.kernels.cpu_stream import stream_read
+from offloadkit.hardware.stream import stream_read
+from offloadkit.kernels.cpu.experts import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
+from offloadkit.kernels.cpu.norms_attention import compare_lane_ops
 from offloadkit.paths import demo_model_dir
 
 DECODE_TOKENS = (1, 2, 4, 8)

@@ -4,6 +4,7 @@
 ``probe`` (with ``probe_cuda``) measures the machine it runs on, ``commands`` is the CLI.
 """
 
+from offloadkit.hardware.catalog import catalog_names, load_catalog, load_profile
 from offloadkit.hardware.profile import (
     CpuProfile,
     Curve,
@@ -12,12 +13,8 @@ from offloadkit.hardware.profile import (
     HardwareProfile,
     LinkProfile,
     canonical_dtype,
-    catalog_names,
-    load_catalog,
-    load_profile,
-    profile_to_toml,
-    save_profile,
 )
+from offloadkit.hardware.toml_writer import profile_to_toml, save_profile
 
 __all__ = [
     "CpuProfile",

@@ -2,10 +2,10 @@
 
 What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, see ``probe_cuda.py``):
 
-- DRAM read bandwidth with all cores: a STREAM-like Numba parallel read (``kernels.cpu_stream``) over
+- DRAM read bandwidth with all cores: a STREAM-like Numba parallel read (:mod:`offloadkit.hardware.stream`) over
   a buffer far larger than the caches (512 MiB; 128 MiB with ``--quick``), best of several runs.
 - CPU expert time vs tokens (1, 2, 4, ..., 512): the engine's own SwiGLU expert kernel
-  (``offloadkit.kernels.cpu.expert_rows``; torch ``F.linear`` if that module is missing) on a
+  (``offloadkit.kernels.cpu.experts.expert_rows``; torch ``F.linear`` if that module is missing) on a
   hidden 4096 x intermediate 4096 expert (1024 x 2048 with ``--quick``), with f32 weights and with
   bf16-stored weights (widened to f32 inside the kernel, DESIGN.md section 10): the
   ``cpu_expert_f32`` / ``cpu_expert_bf16`` curves, per parameter of all three matrices, and their
@@ -80,7 +80,7 @@ def best_time(fn: Callable[[], object], reps: int, budget_s: float = 0.0) -> flo
 def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[[Any], Any], str]:
     """A SwiGLU expert ``x -> W2 (silu(W1 x) * W3 x)`` with random weights stored in ``dtype``, and what it is.
 
-    The engine's own CPU kernel (``offloadkit.kernels.cpu.expert_rows``: weights stored as they come,
+    The engine's own CPU kernel (``offloadkit.kernels.cpu.experts.expert_rows``: weights stored as they come,
     widened to f32 inside the kernel) when it imports; otherwise torch on weights widened beforehand.
     """
     import torch
@@ -90,7 +90,7 @@ def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[
     shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
     w1, w3, w2 = (torch.randn(*shape, generator=gen).mul_(0.02).to(tdtype) for shape in shapes)
     try:
-        from offloadkit.kernels.cpu import ExpertWeights, expert_rows
+        from offloadkit.kernels.cpu.experts import ExpertWeights, expert_rows
     except ImportError:
         import torch.nn.functional as F
 
@@ -98,7 +98,7 @@ def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[
         return (lambda x: F.linear(F.silu(F.linear(x, f1)) * F.linear(x, f3), f2),
                 "torch F.linear SwiGLU expert on weights widened to f32 beforehand")
     weights = ExpertWeights.from_torch(w1, w3, w2)
-    return lambda x: expert_rows(x, weights), "offloadkit.kernels.cpu.expert_rows (SwiGLU expert, all rows)"
+    return lambda x: expert_rows(x, weights), "offloadkit.kernels.cpu.experts.expert_rows (SwiGLU expert, all rows)"
 
 
 # ---- CPU measurements -----------------------------------------------------------------------------
@@ -106,10 +106,10 @@ def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[
 def measure_dram_gbps(nbytes: int, reps: int = 5, budget_s: float = 0.0) -> float:
     """All-core DRAM read bandwidth, GB/s (1e9 bytes/s): best of at least ``reps`` reads of a buffer.
 
-    The read is :func:`offloadkit.kernels.cpu_stream.stream_read`, the same STREAM-like kernel that
+    The read is :func:`offloadkit.hardware.stream.stream_read`, the same STREAM-like kernel that
     ``offloadkit bench kernels`` holds the CPU experts against, so both report one physical limit.
     """
-    from offloadkit.kernels.cpu_stream import stream_read
+    from offloadkit.hardware.stream import stream_read
 
     a = np.ones(nbytes // 8, dtype=np.float64)  # np.ones touches every page before timing
     return a.nbytes / best_time(lambda: stream_read([a]), reps, budget_s) / 1e9
@@ -169,7 +169,7 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     with tqdm(total=steps, desc="offloadkit profile", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("DRAM bandwidth")
         cpu["dram_bandwidth_gbps"] = measure_dram_gbps(s.dram_bytes, 5, s.dram_budget_s)
-        methods["cpu.dram_bandwidth_gbps"] = (f"STREAM-like Numba read (offloadkit.kernels.cpu_stream) of "
+        methods["cpu.dram_bandwidth_gbps"] = (f"STREAM-like Numba read (offloadkit.hardware.stream) of "
                                               f"{s.dram_bytes // MIB} MiB with {cpu['cores']} threads, "
                                               f"best of >= 5 runs over {s.dram_budget_s} s")
         methods["cpu.cores"] = "Numba threads (numba.get_num_threads())"

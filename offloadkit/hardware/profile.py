@@ -13,8 +13,8 @@ overhead; this module holds them as frozen dataclasses with the unit in every na
 
 This module refuses to guess: it has no default bandwidths or FLOP rates, and a dtype it has no rate
 for raises :class:`~offloadkit.errors.ProfileError`. Reading and writing TOML lives in
-``catalog.py`` and ``toml_writer.py``; the loaders are re-exported at the bottom so that
-``from offloadkit.hardware.profile import load_profile`` works too.
+``catalog.py`` and ``toml_writer.py``, which import this module (never the other way round); the
+package (``offloadkit.hardware``) re-exports all three.
 """
 
 from __future__ import annotations
@@ -268,12 +268,4 @@ class HardwareProfile:
         return out
 
 
-# Re-exported so that the loaders are reachable from this module too (the import sits at the bottom
-# because catalog.py imports the dataclasses above).
-from offloadkit.hardware.catalog import catalog_names, load_catalog, load_profile  # noqa: E402
-from offloadkit.hardware.toml_writer import profile_to_toml, save_profile  # noqa: E402
-
-__all__ = [
-    "CpuProfile", "Curve", "Derivation", "GpuProfile", "HardwareProfile", "LinkProfile",
-    "canonical_dtype", "catalog_names", "load_catalog", "load_profile", "profile_to_toml", "save_profile",
-]
+__all__ = ["CpuProfile", "Curve", "Derivation", "GpuProfile", "HardwareProfile", "LinkProfile", "canonical_dtype"]

@@ -2,8 +2,8 @@
 
 A CUDA kernel trusts its pointers: a tensor of the wrong dtype is read as garbage, a non-contiguous
 one is read in the wrong order, a slice past the end of a block reads someone else's memory. None of
-that raises on the GPU. So every wrapper in :mod:`offloadkit.kernels.cuda_ops` checks its tensors
-here first, and the twins in :mod:`offloadkit.kernels.twins` run the same checks, so that the
+that raises on the GPU. So every wrapper in :mod:`offloadkit.kernels.cuda.ops` checks its tensors
+here first, and the twins in :mod:`offloadkit.kernels.cuda.twins` run the same checks, so that the
 ``LoopbackDevice`` (which runs twins in place of kernels) rejects exactly what a GPU run would.
 
 Every failure is an :class:`~offloadkit.errors.OffloadkitError` naming the argument, what it was and

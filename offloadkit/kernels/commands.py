@@ -15,9 +15,9 @@ from pathlib import Path
 
 def cmd_kernels_compile(args: argparse.Namespace) -> int:
     from offloadkit.errors import OffloadkitError
-    from offloadkit.kernels import nvrtc
-    from offloadkit.kernels.cuda import cupy_status
-    from offloadkit.kernels.nvrtc import KERNELS
+    from offloadkit.kernels.cuda import nvrtc
+    from offloadkit.kernels.cuda.loader import cupy_status
+    from offloadkit.kernels.cuda.nvrtc import KERNELS
 
     archs = args.arch or list(nvrtc.COMPUTE_CAPABILITIES)
     names = args.kernel or sorted(KERNELS)

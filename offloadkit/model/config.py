@@ -9,9 +9,11 @@ default transformers gives them; anything offloadkit does not implement is refus
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from offloadkit.errors import ConfigError, UnsupportedArchitectureError
+from offloadkit.model.dtypes import normalize_dtype
 
 SUPPORTED = ("mixtral", "llama", "qwen2_moe", "phimoe")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -36,6 +38,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters, normalized from either the old (``rope_theta`` +
+    ``rope_scaling``) or the new (``rope_parameters``) config layout."""
+
+    theta: float
+    rope_type: str = "default"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
 def _get(cfg: Mapping[str, Any], key: str, arch: str, name: str) -> Any:
     if key in cfg and cfg[key] is not None:
         return cfg[key]
@@ -52,8 +64,6 @@ def _int(cfg: Mapping[str, Any], key: str, arch: str, name: str, minimum: int = 
 
 
 def _rope(cfg: Mapping[str, Any], arch: str, name: str) -> dict[str, Any]:
-    from offloadkit.model.spec import RopeSpec
-
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {})
     params.update(scaling)
@@ -75,8 +85,6 @@ def _rope(cfg: Mapping[str, Any], arch: str, name: str) -> dict[str, Any]:
 
 def spec_kwargs_from_config(cfg: Mapping[str, Any], name: str = "") -> dict[str, Any]:
     """The keyword arguments of :class:`ModelSpec` for a parsed ``config.json``."""
-    from offloadkit.model.spec import normalize_dtype
-
     arch = cfg.get("model_type")
     if arch is None:
         raise ConfigError(f"config of {name or 'the model'} has no 'model_type' field; offloadkit "

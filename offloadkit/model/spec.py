@@ -17,36 +17,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from offloadkit.errors import ConfigError, DTypeError, UnsupportedArchitectureError
+from offloadkit.errors import ConfigError, UnsupportedArchitectureError
+from offloadkit.model.config import RopeSpec, spec_kwargs_from_config
+from offloadkit.model.dtypes import DTYPE_BYTES, normalize_dtype
 
 Arch = Literal["mixtral", "llama", "qwen2_moe", "phimoe"]
 SUPPORTED_ARCHS: tuple[str, ...] = ("mixtral", "llama", "qwen2_moe", "phimoe")
-
-#: Bytes per element of the dtypes offloadkit stores weights in.
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 #: Block kinds, in the order they appear in a layer.
 BlockKind = Literal[
     "embed", "attn_norm", "attn_qkv", "attn_o", "ffn_norm", "router", "expert",
     "shared_expert", "shared_gate", "ffn", "final_norm", "lm_head",
 ]
-
-
-def normalize_dtype(name: str | None) -> str:
-    """``"bf16"``, ``"torch.bfloat16"``, ``"bfloat16"`` -> ``"bfloat16"``; rejects the rest."""
-    if name is None:
-        return "float32"
-    key = str(name).removeprefix("torch.").lower()
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
-               "fp32": "float32", "f32": "float32", "float": "float32"}
-    key = aliases.get(key, key)
-    if key not in DTYPE_BYTES:
-        raise DTypeError(f"unsupported dtype {name!r}: offloadkit computes with {', '.join(DTYPE_BYTES)}")
-    return key
 
 
 @dataclass(frozen=True)
@@ -85,16 +71,6 @@ class Block:
         where = "" if self.layer is None else f"L{self.layer}."
         which = "" if self.expert is None else f"{self.expert}"
         return f"{where}{self.kind}{which}"
-
-
-@dataclass(frozen=True)
-class RopeSpec:
-    """Rotary embedding parameters, normalized from either the old (``rope_theta`` +
-    ``rope_scaling``) or the new (``rope_parameters``) config layout."""
-
-    theta: float
-    rope_type: str = "default"
-    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -271,8 +247,6 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str = "") -> ModelSpec:
         """Build a spec from a parsed ``config.json``."""
-        from offloadkit.model.config import spec_kwargs_from_config
-
         return cls(**spec_kwargs_from_config(config, name))
 
     @classmethod

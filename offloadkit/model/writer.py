@@ -32,8 +32,9 @@ import torch
 
 from offloadkit.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from offloadkit.model.checkpoint import INDEX_FILE, SINGLE_FILE, is_ignorable
+from offloadkit.model.dtypes import normalize_dtype
 from offloadkit.model.safetensors_io import write_safetensors
-from offloadkit.model.spec import ModelSpec, normalize_dtype
+from offloadkit.model.spec import ModelSpec
 from offloadkit.model.tokenizer import Tokenizer, byte_level_tokenizer
 
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "llama": "LlamaForCausalLM",

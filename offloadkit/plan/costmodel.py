@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from offloadkit.errors import PlanError
-from offloadkit.model.spec import DTYPE_BYTES, ModelSpec
+from offloadkit.model.dtypes import DTYPE_BYTES
+from offloadkit.model.spec import ModelSpec
 
 if TYPE_CHECKING:
     from offloadkit.hardware.profile import HardwareProfile

@@ -14,7 +14,8 @@ none does no work). This module produces those counts from two kinds of source:
 
 Both give :meth:`step_counts` ``[steps, n_layers, n_experts]`` (dense layers are all-zero rows).
 It refuses traces whose layers, experts or top-k do not match the model (:class:`TraceError`).
-The counting helpers of :mod:`offloadkit.model.routing` (``expert_counts``...) stay where they are.
+What a real run of the reference chose, counted and summarized for people (entropy, usage bars), is
+:mod:`offloadkit.model.expert_usage`; this module is the routing the planner and the simulator consume.
 """
 
 from __future__ import annotations

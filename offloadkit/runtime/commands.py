@@ -13,7 +13,7 @@ import json
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from offloadkit.hardware.profile import load_profile
+    from offloadkit.hardware.catalog import load_profile
     from offloadkit.model.zoo import load_spec
     from offloadkit.plan.plans import Workload, gpu_bytes, parse_plan
     from offloadkit.runtime.sim import simulate

@@ -3,8 +3,8 @@
 This is the ``cpu-only`` end of the design (DESIGN.md sections 8 and 9): every weight stays in host
 memory in its stored dtype (a memory-mapped checkpoint stays mapped) and every task runs on the
 ``cpu`` lane: the experts, dense FFNs, attention projections, routers and lm_head through
-:mod:`offloadkit.kernels.cpu` (decode kernel for a few tokens, prefill kernel for many); the
-norms and the attention core through the Numba kernels of :mod:`offloadkit.kernels.cpu_lane`
+:mod:`offloadkit.kernels.cpu.experts` (decode kernel for a few tokens, prefill kernel for many); the
+norms and the attention core through the Numba kernels of :mod:`offloadkit.kernels.cpu.norms_attention`
 (each measured faster than torch there); softmax / top-k over the router's few logits, RoPE and the
 residual adds stay in torch.
 
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from offloadkit.errors import OffloadkitError
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu import ExpertWeights, expert_rows, linear
-from offloadkit.kernels.cpu_core import storage_view
-from offloadkit.kernels.cpu_lane import causal_attention, layer_norm, rms_norm, use_torch_attention
+from offloadkit.kernels.cpu.experts import ExpertWeights, expert_rows, linear
+from offloadkit.kernels.cpu.norms_attention import causal_attention, layer_norm, rms_norm, use_torch_attention
+from offloadkit.kernels.cpu.primitives import storage_view
 from offloadkit.model.reference import KVCache, ReferenceModel
 from offloadkit.model.rope import rotary_tables
 from offloadkit.model.spec import ModelSpec

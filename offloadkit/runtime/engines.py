@@ -1,8 +1,11 @@
-"""One call from an engine name and a model to a runnable engine and its tokenizer.
+"""The one model loader: an engine name and a model name or folder -> a runnable engine and its tokenizer.
 
-``offloadkit generate --engine cpu`` and the notebooks pick an engine by name here; every engine
-has ``new_cache``, ``forward(ids, cache)`` and ``engine_name``, which is all
-:mod:`offloadkit.model.generate` needs. It refuses names it does not know, listing the ones it does.
+Everything that runs a model (``offloadkit generate``, the demo, the notebooks, the tests) opens it
+here: the checkpoint memory-mapped (:func:`~offloadkit.model.checkpoint.open_checkpoint`), wrapped in
+the engine asked for, with the tokenizer of the same folder. Every engine has ``new_cache``,
+``forward(ids, cache)`` and ``engine_name``, which is all :mod:`offloadkit.model.generate` needs.
+It lives in ``runtime`` (not ``model``) because engines other than the reference are runtime parts.
+It refuses names it does not know, listing the ones it does.
 """
 
 from __future__ import annotations

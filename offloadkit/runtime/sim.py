@@ -112,7 +112,7 @@ def _resolve(spec: ModelSpec | str, profile: Any, plan: Plan | str) -> tuple[Mod
 
         spec = load_spec(spec)
     if isinstance(profile, str):
-        from offloadkit.hardware.profile import load_profile
+        from offloadkit.hardware.catalog import load_profile
 
         profile = load_profile(profile)
     if isinstance(plan, str):

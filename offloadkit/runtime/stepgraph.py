@@ -67,18 +67,40 @@ class _Part:
         self.copies: dict[str, int] = {}
 
 
-def layer_blocks(spec: ModelSpec) -> list[dict[str, Block | list[Block]]]:
-    """Per layer: block kind -> block (``"expert"`` -> the list of experts)."""
-    out: list[dict[str, Block | list[Block]]] = []
-    for layer in range(spec.n_layers):
-        d: dict[str, Block | list[Block]] = {"expert": []}
+@dataclass(frozen=True)
+class LayerBlocks:
+    """The blocks of one layer by role; a role the layer lacks is ``None`` (or no experts).
+
+    Dense layers (LLaMA, Qwen's ``mlp_only_layers``) have ``ffn``; MoE layers have ``router`` and
+    ``experts`` (indexed by expert id), and Qwen-MoE adds ``shared_expert`` and ``shared_gate``.
+    """
+
+    attn_norm: Block
+    attn_qkv: Block
+    attn_o: Block
+    ffn_norm: Block
+    ffn: Block | None = None
+    router: Block | None = None
+    experts: tuple[Block, ...] = ()
+    shared_expert: Block | None = None
+    shared_gate: Block | None = None
+
+    @classmethod
+    def of(cls, spec: ModelSpec, layer: int) -> LayerBlocks:
+        """Group ``spec.layer_blocks(layer)`` by kind."""
+        by_kind: dict[str, Block] = {}
+        experts: list[Block] = []
         for b in spec.layer_blocks(layer):
             if b.kind == "expert":
-                d["expert"].append(b)  # type: ignore[union-attr]
+                experts.append(b)
             else:
-                d[b.kind] = b
-        out.append(d)
-    return out
+                by_kind[b.kind] = b
+        return cls(experts=tuple(experts), **by_kind)
+
+
+def layer_blocks(spec: ModelSpec) -> list[LayerBlocks]:
+    """:class:`LayerBlocks` of every layer, in order."""
+    return [LayerBlocks.of(spec, layer) for layer in range(spec.n_layers)]
 
 
 class StepBuilder:
@@ -86,7 +108,7 @@ class StepBuilder:
 
     def __init__(self, spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
                  on_task: Callable[[Task], None] | None = None,
-                 blocks: list[dict[str, Block | list[Block]]] | None = None) -> None:
+                 blocks: list[LayerBlocks] | None = None) -> None:
         self.spec, self.plan, self.cost, self.shape, self.on_task = spec, plan, cost, shape, on_task
         self.blocks = blocks if blocks is not None else layer_blocks(spec)
         self.graph = TaskGraph()
@@ -216,9 +238,9 @@ class StepBuilder:
         n, h, L = sh.n, s.hidden_size, f"L{layer}"
         b = self.blocks[layer]
         ins = [resid] if delta is None else [resid, delta]
-        self.small(b["attn_norm"], "attn_norm", f"{L}.attn_norm", ins, [(f"{L}.h", n * h * a), (f"{L}.xa", n * h * a)],
+        self.small(b.attn_norm, "attn_norm", f"{L}.attn_norm", ins, [(f"{L}.h", n * h * a), (f"{L}.xa", n * h * a)],
                    0, 0, norm=True)
-        qkv: Block = b["attn_qkv"]  # type: ignore[assignment]
+        qkv = b.attn_qkv
         self.split_block(qkv, "attn_qkv", f"{L}.attn_qkv", n, [f"{L}.xa"], f"{L}.qkv", n * a, True,
                          n * (h + qkv.rows) * a)
         dev = "gpu" if self.plan.kv_on_gpu[layer] else "cpu"
@@ -228,25 +250,26 @@ class StepBuilder:
         self.emit(dev, "attention", f"{L}.attention", self.cost.roofline_s(dev, bytes_, flops, LAUNCHES["attention"]),
                   layer=layer, bytes_=bytes_, flops=flops, deps=deps, reads=reads,
                   out=[(f"{L}.o", n * q_out * a, False)])
-        self.split_block(b["attn_o"], "attn_o", f"{L}.attn_o", n, [f"{L}.o"], f"{L}.ao", n * h * a, False,  # type: ignore[arg-type]
+        self.split_block(b.attn_o, "attn_o", f"{L}.attn_o", n, [f"{L}.o"], f"{L}.ao", n * h * a, False,
                          n * (q_out + h) * a)
-        self.small(b["ffn_norm"], "ffn_norm", f"{L}.ffn_norm", [f"{L}.h", f"{L}.ao"],
+        self.small(b.ffn_norm, "ffn_norm", f"{L}.ffn_norm", [f"{L}.h", f"{L}.ao"],
                    [(f"{L}.hm", n * h * a), (f"{L}.xf", n * h * a)], 0, 0, norm=True)
         y = f"{L}.y"
-        if not s.is_moe_layer(layer):
-            self.split_block(b["ffn"], "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a)  # type: ignore[arg-type]
+        if b.router is None:
+            assert b.ffn is not None, f"layer {layer} has neither a router nor a dense FFN"
+            self.split_block(b.ffn, "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a)
             return f"{L}.hm", y
-        router: Block = b["router"]  # type: ignore[assignment]
+        router = b.router
         self.small(router, "router", f"{L}.router", [f"{L}.xf"], [(f"{L}.route", n * s.top_k * 12)],
                    router.params * self.cost.weight_bytes + n * h * a, 2 * n * router.params)
         for e, c in enumerate(counts(layer)):
             if c:
-                self.split_block(b["expert"][e], "expert", f"{L}.expert{e}", int(c), [f"{L}.xf", f"{L}.route"], y,  # type: ignore[index]
+                self.split_block(b.experts[e], "expert", f"{L}.expert{e}", int(c), [f"{L}.xf", f"{L}.route"], y,
                                  n * h * a, False, 2 * int(c) * h * a, expert=e)
-        if "shared_expert" in b:
-            self.split_block(b["shared_expert"], "shared_expert", f"{L}.shared_expert", n, [f"{L}.xf"], f"{L}.s",  # type: ignore[arg-type]
+        if b.shared_expert is not None and b.shared_gate is not None:
+            self.split_block(b.shared_expert, "shared_expert", f"{L}.shared_expert", n, [f"{L}.xf"], f"{L}.s",
                              n * h * a, False, 2 * n * h * a)
-            gate: Block = b["shared_gate"]  # type: ignore[assignment]
+            gate = b.shared_gate
             self.small(gate, "shared_gate", f"{L}.shared_gate", [f"{L}.xf", f"{L}.s"], [(y, n * h * a)],
                        gate.params * self.cost.weight_bytes + 2 * n * h * a, 2 * n * gate.params + 2 * n * h)
         return f"{L}.hm", y
@@ -256,8 +279,9 @@ def build_step(spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
                counts: Callable[[int], Sequence[int]] | Sequence[Sequence[int]],
                on_task: Callable[[Task], None] | None = None) -> TaskGraph:
     """The task graph of one step; ``counts`` is ``layer -> tokens per expert`` or a [layers][experts] table."""
-    fn = counts if callable(counts) else (lambda layer: counts[layer])  # type: ignore[index]
+    table = counts
+    fn = table if callable(table) else (lambda layer: table[layer])
     return StepBuilder(spec, plan, cost, shape, on_task).build(fn)
 
 
-__all__ = ["LAUNCHES", "StepBuilder", "StepShape", "build_step", "layer_blocks"]
+__all__ = ["LAUNCHES", "LayerBlocks", "StepBuilder", "StepShape", "build_step", "layer_blocks"]

@@ -1,7 +1,7 @@
 """Plotly figures of a model's anatomy: where its bytes are and which experts its tokens use.
 
 Notebook 01 draws these; they take :class:`ModelSpec` objects (from published configs, no weights)
-or routing counts measured by :mod:`offloadkit.model.routing`, and say which in their titles.
+or routing counts measured by :mod:`offloadkit.model.expert_usage`, and say which in their titles.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from offloadkit.model.expert_usage import normalized_entropy
 from offloadkit.model.reference import ReferenceModel
-from offloadkit.model.routing import normalized_entropy
 from offloadkit.model.spec import ModelSpec
 from offloadkit.model.writer import make_config, write_checkpoint
 

@@ -8,8 +8,8 @@
 // layouts), stored bf16, f16 or f32 and widened in registers; every sum is f32. The slice's partial is
 // *added* to out (DESIGN.md section 3): the GG and CG slices of one expert run one after the other into
 // the same buffer, and the CPU's CC partial is added last. The CPU twin is
-// offloadkit.kernels.twins.expert_swiglu; more than MAX_TOKENS tokens (prefill) go to cuBLAS through
-// torch instead (offloadkit.kernels.cuda_ops.expert_swiglu says where).
+// offloadkit.kernels.cuda.twins.expert_swiglu; more than MAX_TOKENS tokens (prefill) go to cuBLAS through
+// torch instead (offloadkit.kernels.cuda.ops.expert_swiglu says where).
 //
 // Launch (two kernels on one stream, act [n, s] f32 scratch between them):
 //   expert_gate_up<T>: grid ceil(s / 4), block 128 = 4 warps, one warp per intermediate row i;

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from offloadkit.kernels.cpu_core import FAST
+from offloadkit.kernels.cpu.primitives import FAST
 
 
 @njit(parallel=True, **FAST)

@@ -1,6 +1,6 @@
 // common.cuh: the helpers every offloadkit kernel shares.
 //
-// Not compiled on its own: offloadkit/kernels/nvrtc.py pastes it in place of the line
+// Not compiled on its own: offloadkit/kernels/cuda/nvrtc.py pastes it in place of the line
 // `#include "common.cuh"` of each kernel file before the source goes to NVRTC (through CuPy or
 // the driverless compile check). Pasting, rather than an -I path, keeps CuPy's kernel cache honest:
 // its cache key is the source text, so an edit here changes the key of every kernel that uses it.

@@ -1,6 +1,6 @@
 // emulate.hpp: just enough of CUDA, in plain C++20, to run offloadkit's kernels on a CPU.
 //
-// offloadkit/kernels/emulate.py compiles a kernel file with g++ after this header and calls it through
+// offloadkit/kernels/cuda/emulate.py compiles a kernel file with g++ after this header and calls it through
 // ctypes. Every CUDA thread of a block is an OS thread; blocks run one after another. __syncthreads is
 // a barrier of the block's threads, a warp shuffle or ballot is a barrier of the warp's 32 threads
 // around an exchange through memory, and __shared__ variables are `static` (one copy, which is right

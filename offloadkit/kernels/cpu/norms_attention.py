@@ -17,7 +17,7 @@ faster (:func:`compare_lane_ops` measures them again; ``offloadkit bench kernels
   fresh 512-token prefill 87 ms against 47 ms. Torch won one case, a 128-token chunk after 384
   cached positions (13 ms against 20 ms), so :func:`use_torch_attention` sends chunks of more than
   32 tokens that follow a cache to torch.
-- **router logits**: the decode / prefill ``linear`` of :mod:`offloadkit.kernels.cpu` (weights read
+- **router logits**: the decode / prefill ``linear`` of :mod:`offloadkit.kernels.cpu.experts` (weights read
   in their stored dtype); softmax and top-k stay in torch (:mod:`offloadkit.model.moe`), on a few
   dozen numbers.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
-from offloadkit.kernels.cpu_core import FAST
+from offloadkit.kernels.cpu.primitives import FAST
 from offloadkit.model.reference import causal_attention as torch_attention
 from offloadkit.model.reference import rms_norm as torch_rms_norm
 

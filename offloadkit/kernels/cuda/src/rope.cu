@@ -9,7 +9,7 @@
 // cos and sin. Those live in the tables, which the host computes once per step with
 // offloadkit.model.rope.rotary_tables (the reference's own code; for PhiMoE it picks the short or
 // long scale from the step's largest position exactly as transformers does). So the kernel needs no
-// variant switch, and the twin (offloadkit.kernels.twins.rope) is model.rope.apply_rope.
+// variant switch, and the twin (offloadkit.kernels.cuda.twins.rope) is model.rope.apply_rope.
 //
 // x [N, heads, D] f32, rotated in place; cos, sin [N, D] f32 (row t for token t's position); D even.
 //

@@ -9,9 +9,9 @@ section 3). This module is the one entry point for that work:
 
 Partials over any split of ``[0, I)`` sum to the whole expert (up to f32 summation order), which is
 what lets CC, CG and GG slices be computed in different places and added. ``path="auto"`` takes the
-decode kernel (:mod:`offloadkit.kernels.cpu_decode`, memory-bound, each weight byte read once for
+decode kernel (:mod:`offloadkit.kernels.cpu.decode`, memory-bound, each weight byte read once for
 all tokens) for up to :data:`DECODE_MAX_TOKENS` tokens (a few dozen: measured) and the prefill kernel
-(:mod:`offloadkit.kernels.cpu_prefill`, weights widened once per block and fed to BLAS) above.
+(:mod:`offloadkit.kernels.cpu.prefill`, weights widened once per block and fed to BLAS) above.
 :func:`linear` does the same for a plain ``y = x Wᵀ`` (attention projections, routers, lm_head).
 Every kernel releases the GIL (``nogil``), so a worker thread can run them while other threads work.
 
@@ -30,9 +30,9 @@ import torch
 
 from offloadkit.errors import KernelInputError
 from offloadkit.kernels.checks import check_rows
-from offloadkit.kernels.cpu_core import STORAGE, storage_view
-from offloadkit.kernels.cpu_decode import expert_decode, rows_dot
-from offloadkit.kernels.cpu_prefill import expert_prefill, linear_prefill
+from offloadkit.kernels.cpu.decode import expert_decode, rows_dot
+from offloadkit.kernels.cpu.prefill import expert_prefill, linear_prefill
+from offloadkit.kernels.cpu.primitives import STORAGE, storage_view
 
 #: Token counts up to this take the decode kernel, more the prefill kernel, by stored dtype. Measured
 #: crossover on a Mixtral expert (4096 x 14336, 2 threads): the decode kernel holds ~100 GFLOP/s

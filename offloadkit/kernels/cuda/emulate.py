@@ -1,9 +1,9 @@
 """Run the CUDA kernels on the CPU, one OS thread per CUDA thread, where no GPU exists.
 
 NVRTC proves the kernels compile; only running them proves they compute the right thing. Where no
-GPU is at hand, :class:`EmulatorBackend` compiles a kernel file with g++ after ``cuda_src/emulate.hpp``
+GPU is at hand, :class:`EmulatorBackend` compiles a kernel file with g++ after ``cuda/src/emulate.hpp``
 (a few CUDA intrinsics in C++20: barriers for ``__syncthreads``, shuffles and ballots through a
-mailbox) and runs the very launches :mod:`offloadkit.kernels.cuda_ops` builds, on CPU tensors. The
+mailbox) and runs the very launches :mod:`offloadkit.kernels.cuda.ops` builds, on CPU tensors. The
 tests compare the result with the kernels' CPU twins, so the indexing, the warp reductions, the
 odd-size tails and unaligned slices of every kernel are exercised on every machine with a C++
 compiler.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from offloadkit.errors import CudaUnavailableError
-from offloadkit.kernels.cuda import Launch
-from offloadkit.kernels.nvrtc import KERNELS, read_source, source_dir
+from offloadkit.kernels.cuda.loader import Launch
+from offloadkit.kernels.cuda.nvrtc import KERNELS, read_source, source_dir
 
 _CUDA_HEADERS = re.compile(r"^\s*#\s*include\s*<cuda_(bf16|fp16)\.h>\s*$", re.MULTILINE)
 _CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing", "-w")
@@ -55,7 +55,7 @@ def emulation_source(file: str, source: str | None = None, name_expressions: Seq
 
 
 class EmulatorBackend:
-    """A backend for :mod:`offloadkit.kernels.cuda_ops` that runs the kernels on CPU tensors."""
+    """A backend for :mod:`offloadkit.kernels.cuda.ops` that runs the kernels on CPU tensors."""
 
     device_type = "cpu"
 

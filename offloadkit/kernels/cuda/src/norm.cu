@@ -4,7 +4,7 @@
 //   layernorm (PhiMoE):                   out = (x - mean(x)) * rsqrt(var(x) + eps) * w + b   (biased var)
 //
 // x, out [N, H] f32 (out may be x: each thread reads and writes only its own elements, after the
-// reductions); w, b [H] stored bf16, f16 or f32. The CPU twins are offloadkit.kernels.twins.rms_norm
+// reductions); w, b [H] stored bf16, f16 or f32. The CPU twins are offloadkit.kernels.cuda.twins.rms_norm
 // (which calls offloadkit.model.reference.rms_norm) and .layer_norm (torch.nn.functional.layer_norm,
 // as the reference forward does).
 //

@@ -5,7 +5,7 @@
 // over the keys s in [s0, L): L = length (the query sits at position L - 1, its own key and value
 // already written to the cache), s0 = max(0, L - window) with a sliding window (Mixtral's config may
 // set one), else 0. This is the reference's causal_attention for a single query
-// (offloadkit.kernels.twins.attention_decode calls it).
+// (offloadkit.kernels.cuda.twins.attention_decode calls it).
 //
 // q [B, H, D] f32; k_cache, v_cache [B, KV, S, D] (the reference KVCache layout, S >= L the capacity)
 // stored f32, bf16 or f16; out [B, H, D] f32. D <= 256, any D.

@@ -1,9 +1,9 @@
 """The CUDA kernel sources, the options they are compiled with, and a compile that needs no GPU.
 
-This module is the single truth that the CuPy loader (:mod:`offloadkit.kernels.cuda`), the compile
+This module is the single truth that the CuPy loader (:mod:`offloadkit.kernels.cuda.loader`), the compile
 check of the test suite, ``offloadkit kernels compile`` and notebook 03 share:
 
-- where the ``.cu`` files are: ``offloadkit/kernels/cuda_src/`` inside the package (so they ship in
+- where the ``.cu`` files are: ``offloadkit/kernels/cuda/src/`` inside the package (so they ship in
   the wheel; the repository's top-level ``kernels/`` is a link to that folder), read through
   :mod:`importlib.resources`, with ``#include "common.cuh"`` pasted in (see that file for why);
 - which kernels each file exports, as NVRTC *name expressions* (templates instantiated for every
@@ -15,7 +15,7 @@ check of the test suite, ``offloadkit kernels compile`` and notebook 03 share:
   (``cuda_fp16.h`` / ``cuda_bf16.h`` come from the ``nvidia-cuda-runtime-cu12`` wheel).
 
 It refuses to run anything: a compiled kernel is only checked here, never launched (that is
-:mod:`offloadkit.kernels.cuda_ops`, and it needs CuPy and a GPU). With ``strict`` (the default) any
+:mod:`offloadkit.kernels.cuda.ops`, and it needs CuPy and a GPU). With ``strict`` (the default) any
 NVRTC warning is an error, and the error carries NVRTC's log.
 """
 
@@ -37,7 +37,7 @@ def _each_type(*kernels: str) -> tuple[str, ...]:
     return tuple(f"{k}<{c}>" for k in kernels for c in CUDA_TYPES.values())
 
 
-#: Kernel file (stem of ``cuda_src/<name>.cu``) -> the ``__global__`` functions it exports.
+#: Kernel file (stem of ``cuda/src/<name>.cu``) -> the ``__global__`` functions it exports.
 KERNELS: dict[str, tuple[str, ...]] = {
     "attention_decode": _each_type("attention_decode"),
     "expert_swiglu": _each_type("expert_gate_up", "expert_down"),
@@ -76,7 +76,7 @@ class KernelCompileError(OffloadkitError):
 def source_dir() -> Path:
     """The folder of the ``.cu`` files inside the installed package (a real folder: setuptools
     installs package data as plain files)."""
-    return Path(str(resources.files("offloadkit.kernels") / "cuda_src"))
+    return Path(str(resources.files("offloadkit.kernels.cuda") / "src"))
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -227,7 +227,7 @@ def compile_source(source: str, name: str = "kernel.cu", name_expressions: tuple
 def compile_kernel(name: str, arch: str = "8.9", target: str = "cubin", directory: Path | str | None = None,
                    strict: bool = True) -> CompileResult:
     """Compile kernel file ``name`` (from the package, or from ``directory``) with every name expression
-    it exports, exactly as :mod:`offloadkit.kernels.cuda` hands it to CuPy."""
+    it exports, exactly as :mod:`offloadkit.kernels.cuda.loader` hands it to CuPy."""
     if name not in KERNELS:
         raise OffloadkitError(f"{name!r} is not a registered kernel file; known: {', '.join(KERNELS)}")
     return compile_source(read_source(name, directory), f"{name}.cu", KERNELS[name], arch, target, strict=strict)

@@ -1,7 +1,7 @@
 """The CPU expert's inner product built step by step, for notebook 04 (``y = W x``, one token).
 
 Each version below adds one idea and is measured in the notebook against this machine's memory
-read; the real kernels (:mod:`offloadkit.kernels.cpu_decode`) are the last step applied to the
+read; the real kernels (:mod:`offloadkit.kernels.cpu.decode`) are the last step applied to the
 whole SwiGLU expert:
 
 1. :func:`gemv_naive` — one thread, a plain loop. Without ``fastmath`` the compiler must add the
@@ -12,7 +12,7 @@ whole SwiGLU expert:
 3. :func:`gemv_vectorized` — ``fastmath`` lets LLVM reorder the sum: 8-wide AVX2 FMAs into several
    accumulators. Now the loop outruns memory and the CPU waits on DRAM: memory-bound at last.
 4. :func:`gemv_bf16` — the weights stay bf16 (uint16 bits) and are widened in registers with a
-   shift (:func:`~offloadkit.kernels.cpu_core.widen`): half the bytes to read, so half the time at
+   shift (:func:`~offloadkit.kernels.cpu.primitives.widen`): half the bytes to read, so half the time at
    the same GB/s.
 
 What it refuses to be: the production kernel (no slices, one token, one matrix; no checks).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from offloadkit.kernels.cpu_core import widen
+from offloadkit.kernels.cpu.primitives import widen
 
 
 @njit(cache=True, nogil=True)

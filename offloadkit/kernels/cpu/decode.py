@@ -7,7 +7,7 @@ every weight byte once, in long sequential streams, on every core at once. The s
 
 1. **gate / up** — rows ``i`` of W1 and W3 (``[I, H]``, contiguous rows in the Hub layout): each
    thread takes one contiguous run of rows and, for each row, computes both dot products against
-   every token in one pass (:func:`~offloadkit.kernels.cpu_core.dot2_t4` and friends), then
+   every token in one pass (:func:`~offloadkit.kernels.cpu.primitives.dot2_t4` and friends), then
    ``h[t, i] = silu(g) * u``. Each thread streams ``2 * rows / threads`` weight rows front to back.
 2. **down** — W2 is ``[H, I]``, so the slice is the column block ``W2[:, r0:r1]``: a run of
    ``r1 - r0`` contiguous weights in every one of the H rows. Threads split the *output* rows ``j``
@@ -26,9 +26,9 @@ at 88-97% of a plain read of the same bytes. From ~4 tokens on it is bound by FM
 k-blocked variant (a chunk of ``x`` kept in L1 across 4-8 weight rows) measured 5-25% *slower* at
 1-8 tokens, so the rows stream whole.
 
-What it refuses to do: validation (see :mod:`offloadkit.kernels.cpu`, the public entry point,
+What it refuses to do: validation (see :mod:`offloadkit.kernels.cpu.experts`, the public entry point,
 which checks shapes, slices and dtypes before calling in here) and many tokens (the prefill path,
-:mod:`offloadkit.kernels.cpu_prefill`, reuses widened weights across tokens instead).
+:mod:`offloadkit.kernels.cpu.prefill`, reuses widened weights across tokens instead).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from offloadkit.kernels.cpu_core import FAST, dot2_t1, dot2_t2, dot2_t4, dot_t1, dot_t2, dot_t4, silu_mul
+from offloadkit.kernels.cpu.primitives import FAST, dot2_t1, dot2_t2, dot2_t4, dot_t1, dot_t2, dot_t4, silu_mul
 
 #: Below this many weight bytes per pass a parallel launch costs more than it saves (measured on 2
 #: threads: a launch costs ~3 µs; two threads won from 32-64 KB of weights per pass).
@@ -127,7 +127,7 @@ def rows_dot_parallel(v, w, c0, y, accumulate, n_chunks):
         rows_dot_range(v, w, c0, c * rows // n_chunks, (c + 1) * rows // n_chunks, y, accumulate)
 
 
-# ---- entry points (arguments already checked by offloadkit.kernels.cpu) ------------------------------
+# ---- entry points (arguments already checked by offloadkit.kernels.cpu.experts) ------------------------------
 
 
 def _chunks(weight_bytes: int, rows: int, tokens: int) -> int:

@@ -3,7 +3,7 @@
 The GPU lane's kernels are raw CUDA C (DESIGN.md section 9: ``CudaDevice`` launches them on torch's
 streams). This module
 
-- finds the sources inside the installed package (:mod:`offloadkit.kernels.nvrtc`, which also holds
+- finds the sources inside the installed package (:mod:`offloadkit.kernels.cuda.nvrtc`, which also holds
   the compile options, shared with the compile check of the test suite so both compile the same);
 - compiles each file once per process with ``cupy.RawModule(code=..., options=...,
   name_expressions=[...])`` (templates instantiated per weight dtype; CuPy also caches the binaries on
@@ -14,7 +14,7 @@ streams). This module
 
 What it refuses: CUDA where there is none (:class:`~offloadkit.errors.CudaUnavailableError`, saying
 which CuPy to install), and copies: it never moves, converts or makes contiguous a tensor (the
-wrappers in :mod:`offloadkit.kernels.cuda_ops` reject such tensors before a launch).
+wrappers in :mod:`offloadkit.kernels.cuda.ops` reject such tensors before a launch).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from offloadkit.errors import CudaUnavailableError
-from offloadkit.kernels.nvrtc import KERNELS, KernelCompileError, compile_options, cuda_include_dirs, read_source
+from offloadkit.kernels.cuda.nvrtc import KERNELS, KernelCompileError, compile_options, cuda_include_dirs, read_source
 
 INSTALL_HINT = ("install CuPy built for your CUDA driver (pip install cupy-cuda12x for CUDA 12, "
                 "pip install cupy-cuda13x for CUDA 13; or pip install -e '.[cuda]') next to a CUDA build of torch, "

@@ -13,15 +13,15 @@ f32 weights need no widening: the GEMMs read them in place (``W2[:, r0:r1]`` is 
 that BLAS takes as it is), so the f32 prefill *is* torch's GEMM. bf16 / f16 weights pay for the
 widening once per block — a small fraction of the GEMM time at n ≥ 64.
 
-Widening runs in Numba (:func:`~offloadkit.kernels.cpu_core.widen_rows`, ``widen_cols``: one
+Widening runs in Numba (:func:`~offloadkit.kernels.cpu.primitives.widen_rows`, ``widen_cols``: one
 vectorized, parallel pass per block), which measured ~30% faster than torch's ``Tensor.copy_``
 from bf16 here and made the whole prefill 3-5% faster at 32-64 tokens.
 
 Below a few dozen tokens torch's GEMM is far from its peak (MKL reaches ~75 GFLOP/s at 32 tokens
 on this machine against ~160 at 512) and the decode kernel, which never widens a matrix, is
-faster: :data:`offloadkit.kernels.cpu.DECODE_MAX_TOKENS` holds the measured crossover.
+faster: :data:`offloadkit.kernels.cpu.experts.DECODE_MAX_TOKENS` holds the measured crossover.
 
-What it refuses: validation (done in :mod:`offloadkit.kernels.cpu`) and few tokens (the decode
+What it refuses: validation (done in :mod:`offloadkit.kernels.cpu.experts`) and few tokens (the decode
 path, which never materializes widened weights, is faster there).
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offloadkit.kernels.cpu_core import widen_cols, widen_rows
+from offloadkit.kernels.cpu.primitives import widen_cols, widen_rows
 
 #: Intermediate rows per widened block, by token count: 3 blocks of 256 x 4096 f32 are 12 MB, inside a
 #: 32 MB L3. From 256 tokens on, 512-row blocks (24 MB) measured ~5% faster (fewer, larger GEMMs);

@@ -1,9 +1,9 @@
 """The GPU lane's operations: check the inputs, size the grid, launch the kernels of ``kernels/*.cu``.
 
-Each function here has a CPU twin of the same name and signature in :mod:`offloadkit.kernels.twins`
+Each function here has a CPU twin of the same name and signature in :mod:`offloadkit.kernels.cuda.twins`
 (the GPU tests compare the two). Each one checks its tensors against the kernel's contract
 (:mod:`offloadkit.kernels.checks`), allocates what it returns on the tensors' device (through torch's
-caching allocator), builds the list of :class:`~offloadkit.kernels.cuda.Launch` es and hands it to a
+caching allocator), builds the list of :class:`~offloadkit.kernels.cuda.loader.Launch` es and hands it to a
 backend: CuPy on a CUDA stream by default (``stream=None``: torch's current stream).
 
 Not everything is a raw kernel, and it says so:
@@ -22,10 +22,10 @@ from contextlib import nullcontext
 
 import torch
 
-from offloadkit.kernels import twins
 from offloadkit.kernels.checks import WEIGHT_DTYPES, check_expert_inputs, check_tensor
-from offloadkit.kernels.cuda import DEFAULT_BACKEND, Launch, ceil_div, f32, i32, i64
-from offloadkit.kernels.nvrtc import CUDA_TYPES
+from offloadkit.kernels.cuda import twins
+from offloadkit.kernels.cuda.loader import DEFAULT_BACKEND, Launch, ceil_div, f32, i32, i64
+from offloadkit.kernels.cuda.nvrtc import CUDA_TYPES
 from offloadkit.model.moe import swiglu
 
 #: Tokens one launch of expert_swiglu.cu handles (its MAX_TOKENS); more go to cuBLAS through torch.

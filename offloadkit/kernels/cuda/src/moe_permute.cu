@@ -9,7 +9,7 @@
 //
 // x [N, H], x_perm, y_perm [N k, H], out [N, H] f32; experts [N, k] int64 (from router_topk);
 // src, dst [N k] and offsets [E + 1] int32; weights [N, k] f32. The CPU twins are
-// offloadkit.kernels.twins.moe_permute / moe_unpermute; a test checks that permute -> one
+// offloadkit.kernels.cuda.twins.moe_permute / moe_unpermute; a test checks that permute -> one
 // swiglu per expert group -> unpermute equals offloadkit.model.moe.dispatch_experts.
 //
 // Launch:
