@@ -3,7 +3,7 @@
     python benchmarks/cpu_experts.py            # markdown table (the same as `offloadkit bench kernels`)
     python benchmarks/cpu_experts.py --json     # JSON
 
-It measures, in one run, the STREAM-like read of an expert's weights, the decode kernel (n = 1..8,
+It measures, in one run, the machine's memory read (offloadkit.hardware.stream), the decode kernel (n = 1..8,
 bf16 and f32) against that read and against torch, and the prefill kernel (n = 32..512) against
 torch's f32 GEMM, on a Mixtral-8x7B expert and on the demo model's expert. All logic lives in
 :mod:`offloadkit.bench.kernels`; this script only parses arguments. Timings are never tests.

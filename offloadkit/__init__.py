@@ -16,6 +16,7 @@ from offloadkit.errors import (
     PlanError,
     ProfileError,
     TaskGraphError,
+    ThreadingLayerError,
     TraceError,
     UnsupportedArchitectureError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "PlanError",
     "ProfileError",
     "TaskGraphError",
+    "ThreadingLayerError",
     "TraceError",
     "UnsupportedArchitectureError",
     "__version__",

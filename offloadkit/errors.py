@@ -55,3 +55,7 @@ class ProfileError(OffloadkitError):
 
 class CudaUnavailableError(OffloadkitError):
     """CUDA was asked for (a GPU kernel, a CUDA device) where there is none: no CuPy, no driver, no GPU."""
+
+
+class ThreadingLayerError(OffloadkitError):
+    """Numba has no thread-safe threading layer here (only workqueue), or was already started on workqueue."""

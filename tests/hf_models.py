@@ -11,6 +11,7 @@ memory-mapped reader is tested elsewhere).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,16 +124,23 @@ class Run:
     experts: set[int] = field(default_factory=set)
 
 
+def cache_argument(model) -> str:
+    """The name ``model.forward`` takes the KV cache by: ``cache`` from transformers 5.24 on, where the
+    old ``past_key_values`` raises a FutureWarning (removal announced for 5.40); before, ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def hf_greedy(model, prompt: torch.Tensor, steps: int) -> Run:
     from transformers import DynamicCache
 
     run = Run()
     cache = DynamicCache(config=model.config)
+    name = cache_argument(model)
     ids = prompt
     for _ in range(steps + 1):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **{name: cache})
+        cache = out[name]
         run.logits.append(out.logits.float())
         run.tokens.append(out.logits[:, -1].argmax(-1))
         ids = run.tokens[-1][:, None]

@@ -10,10 +10,16 @@ import pytest
 from offloadkit import ProfileError
 from offloadkit.hardware import load_profile, profile_to_toml, save_profile
 from offloadkit.hardware.catalog import read_profile
-from offloadkit.hardware.probe import best_time, build_profile, default_name, measure_dram_gbps, peak_tflops
+from offloadkit.hardware.probe import best_time, build_profile, default_name, peak_tflops
 from offloadkit.hardware.probe_cuda import parse_link_query
+from offloadkit.hardware.stream import READ_BYTES, ReadMeasurement, measure_read
 
 TOKENS = [1, 2, 4, 8]
+
+
+def printed_dram_gbps(stdout: str) -> str:
+    """The DRAM figure on the probe's summary line ("  DRAM read 33.1 GB/s; ...")."""
+    return stdout.split("DRAM read ", 1)[1].split(" GB/s", 1)[0]
 
 
 def fake_measurements(gpu: bool) -> dict:
@@ -79,10 +85,26 @@ def test_helpers():
     assert parse_link_query("3, 8") == "PCIe 3.0 x8"
     assert parse_link_query("[N/A], [N/A]") is None and parse_link_query("") is None
     assert peak_tflops([1.0, 1.0], (1, 2), 10**12) == pytest.approx(4.0)
-    assert measure_dram_gbps(8 * 2**20, reps=2) > 0
     calls = []
     assert best_time(lambda: calls.append(time.sleep(0.001)), reps=3) >= 0.001
     assert len(calls) == 4  # one warm-up and three timed runs
+
+
+def test_the_read_keeps_every_sample_and_reports_the_best():
+    read = measure_read(nbytes=8 * 2**20, repeats=3, budget_s=0.0)
+    assert read.nbytes == 8 * 2**20 and len(read.samples_s) == 3 and read.threads >= 1
+    assert read.gbps == max(read.samples_gbps) == read.spread[2] and read.spread[0] <= read.spread[1]
+    again = measure_read(nbytes=8 * 2**20, repeats=1, budget_s=0.05)
+    assert len(again.samples_s) >= 2  # the budget buys more samples than the minimum
+
+
+def test_a_noisy_read_says_so():
+    steady = ReadMeasurement(2**30, 2, (0.0300, 0.0310, 0.0305))
+    assert not steady.noisy and "busy" not in steady.describe()
+    assert steady.describe().startswith(f"{2**30 / 0.03 / 1e9:.1f} GB/s (best of 3 reads of 1024 MiB, 2 threads; ")
+    busy = ReadMeasurement(2**30, 2, (0.0200, 0.0400, 0.0300))  # 53.7 .. 26.8 GB/s: the spread the VM shows
+    assert busy.noisy and "the samples spread by 100%: the machine is busy" in busy.describe()
+    assert busy.spread == pytest.approx((2**30 / 0.04 / 1e9, 2**30 / 0.03 / 1e9, 2**30 / 0.02 / 1e9))
 
 
 def test_quick_probe_writes_a_loadable_profile(tmp_path):
@@ -94,11 +116,15 @@ def test_quick_probe_writes_a_loadable_profile(tmp_path):
                         "--out", str(out), "--name", "measured-test"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "DRAM read" in r.stdout and f"wrote {out}" in r.stdout
+    # the one read routine, with its buffer, repeats and spread, printed and kept as the figure's source
+    how = f"offloadkit.hardware.stream.measure_read): {printed_dram_gbps(r.stdout)} GB/s (best of "
+    assert how in r.stdout and f"reads of {READ_BYTES // 2**20} MiB" in r.stdout and "samples " in r.stdout
     p = read_profile(out)
     assert p.name == "measured-test" and p.cpu.cores >= 1
     assert p.cpu.dram_bandwidth_gbps > 0.5 and p.cpu.flops_f32_tflops > 0 and p.cpu.flops_bf16_tflops > 0
     assert set(p.curves) >= {"cpu_expert_f32", "cpu_expert_bf16"}
     assert p.curves["cpu_expert_f32"].tokens == tuple(2**i for i in range(10))
     assert all(s.startswith("measured by offloadkit profile on") for s in p.sources.values())
+    assert how in p.sources["cpu.dram_bandwidth_gbps"] and f"{p.cpu.dram_bandwidth_gbps:.1f} GB/s" in how
     if p.gpu is None:
         assert "no CUDA device" in r.stdout

@@ -1,7 +1,7 @@
 """The reference forward equals transformers 5.23 for each architecture, and keeps its contracts.
 
 Parity: a 16-token prefill then 8 greedy decode steps, both sides with their own KV cache; logits
-within 1e-4 relative error and identical tokens at every step (DESIGN.md section 10). Then the
+within 1e-4 relative error and identical tokens at every step (docs/DESIGN.md section 10). Then the
 contracts other code relies on: bf16 weights widened at use, a differentiable and fast enough
 forward for training, the routing record, cache behaviour and clear errors.
 """

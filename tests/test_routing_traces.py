@@ -96,10 +96,26 @@ def test_trace_errors(tmp_path):
 def test_parse_routing():
     assert parse_routing(None) == SyntheticRouting(0.0)
     assert parse_routing("zipf:1.5", seed=2) == SyntheticRouting(1.5, 2)
-    assert parse_routing("zipf").label == "zipf:1.2"
+    assert parse_routing("zipf:0").label == "uniform"
     for bad in ("zipf:-1", "zipf:abc", "popular"):
         with pytest.raises(PlanError):
             parse_routing(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("zipf", "routing 'zipf' needs its exponent: zipf:S"),  # was read as zipf:1.2
+    ("zipf:", "finite exponent S >= 0"),
+    ("zipf:inf", "finite exponent S >= 0"),
+    ("zipf:nan", "finite exponent S >= 0"),
+    ("zipf=1.2", "unknown routing 'zipf=1.2': the routings are uniform, zipf:S, trace:PATH"),
+    ("Uniform", "unknown routing 'Uniform': the routings are uniform, zipf:S, trace:PATH"),
+    (" uniform", "unknown routing ' uniform'"),
+    ("trace:", "names no file: give trace:PATH"),
+])
+def test_parse_routing_accepts_only_the_exact_forms(text, message):
+    with pytest.raises(PlanError) as e:
+        parse_routing(text)
+    assert message in str(e.value)
 
 
 DEMO_TRACE = data_dir() / "traces" / "demo-mixtral-pydoc.npz"

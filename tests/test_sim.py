@@ -17,7 +17,15 @@ from offloadkit.hardware.toml_writer import save_profile
 from offloadkit.model.reference import ReferenceModel
 from offloadkit.model.zoo import load_spec
 from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.plans import Plan, Workload, all_cpu, all_gpu, first_n_layers_on_gpu, plan_blocks
+from offloadkit.plan.plans import (
+    Plan,
+    Workload,
+    all_cpu,
+    all_gpu,
+    first_n_layers_on_gpu,
+    parse_plan,
+    plan_blocks,
+)
 from offloadkit.plan.routing import record_trace
 from offloadkit.runtime.sim import schedule, simulate
 from offloadkit.runtime.tasks import Task, TaskGraph, critical_path_s
@@ -189,3 +197,43 @@ def test_cli_simulate_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["simulate", "--profile", str(profile), "--prompt", "16", "--gen", "2", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("offloadkit: error:") and message in err and "Traceback" not in err
+
+
+# ---- plan parsing ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["ngl8", "ngl=8", "NGL:8", "ngl:", "ngl:8 ", " all-cpu", "cpu", "gpu-only",
+                                  "ngl:+8", "ngl:8.0"])
+def test_parse_plan_refuses_what_is_not_exactly_a_known_form(text):
+    with pytest.raises(PlanError) as e:
+        parse_plan(text, load_spec("mixtral-8x7b"))
+    assert str(e.value) == (f"unknown plan {text!r}: the plans are all-cpu, all-gpu, ngl:N (N decoder layers on "
+                            f"the GPU, e.g. ngl:8)")
+
+
+def test_parse_plan_refuses_a_negative_ngl():
+    with pytest.raises(PlanError, match=r"plan 'ngl:-1': ngl:N takes N >= 0 layers on the GPU"):
+        parse_plan("ngl:-1", load_spec("mixtral-8x7b"))
+
+
+@pytest.mark.parametrize("n", [34, 40, 99, 999])
+def test_ngl_past_the_layers_means_every_layer_as_in_llamacpp(n):
+    spec = load_spec("mixtral-8x7b")
+    plan, everything = parse_plan(f"ngl:{n}", spec), first_n_layers_on_gpu(spec, 33)
+    assert dict(plan.gg_rows) == dict(everything.gg_rows) and plan.kv_on_gpu == everything.kv_on_gpu
+    assert plan.label == "ngl:33" and plan.meta["requested"] == f"ngl:{n}"
+    assert plan.meta["note"] == (f"ngl:{n} → all 32 layers + the output layer of mixtral-8x7b (ngl:33), "
+                                 f"as in llama.cpp")
+    for exact in (0, 32, 33):  # within range: exactly llama.cpp's -ngl N, no note
+        p = parse_plan(f"ngl:{exact}", spec)
+        assert p.label == f"ngl:{exact}" and "note" not in p.meta
+    assert parse_plan("ngl:32", spec).gg_rows != plan.gg_rows  # ngl:32 leaves the output layer on the CPU
+
+
+def test_prefill_only_has_no_decode_figures():
+    r = simulate("mixtral-8x7b", desktop(), "ngl:4", Workload(64, 0), "uniform", record=False)
+    assert r.workload.label == "pp64" and r.decode_s == 0
+    table = r.table().splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["prefill", "total"]
+    summary = r.summary()
+    assert summary["decode_tokens_per_s"] is None and summary["bounding_lane"]["decode"] is None
+    assert summary["prefill_tokens_per_s"] == pytest.approx(64 / r.prefill_s)

@@ -11,7 +11,7 @@ from sim_fixtures import desktop
 from offloadkit.plan.plans import Workload
 from offloadkit.runtime.sim import simulate
 from offloadkit.runtime.timeline import LANES, Timeline
-from offloadkit.viz.timeline import timeline_figure, write_timeline_html
+from offloadkit.viz.timeline import LEGEND_PER_ROW, figure_height, timeline_figure, write_timeline_html
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,24 @@ def test_figure_has_one_bar_trace_per_kind_on_a_linear_axis(timeline):
     name, layer, nbytes, ms = experts.customdata[0]
     assert name.startswith("L") and ".expert" in name and "MiB" in nbytes and ms > 0
     assert "%{customdata[0]}" in experts.hovertemplate
+
+
+@pytest.mark.parametrize("step", [None, 0, 1])
+def test_every_kind_is_in_a_legend_with_room_for_it(timeline, step):
+    """A legend beside a 320 px figure showed 6 of 12 kinds; below the lanes, in rows, it shows them all."""
+    fig = timeline_figure(timeline, step=step)
+    tl = timeline if step is None else timeline.select(step=step)
+    kinds = {r.kind for r in tl}
+    shown = [t.name for t in fig.data if t.showlegend is not False]
+    assert sorted(shown) == sorted(kinds) and len(shown) == len(set(shown))
+    legend = fig.layout.legend
+    assert legend.orientation == "h" and legend.y < 0 and legend.yanchor == "top"  # below the plot
+    rows = -(-len(kinds) // LEGEND_PER_ROW)
+    assert legend.entrywidthmode == "fraction" and legend.entrywidth * LEGEND_PER_ROW <= 1
+    assert fig.layout.height == figure_height(len(tl.lanes()), len(kinds))
+    assert figure_height(4, len(kinds)) - figure_height(4, 0) >= rows * 20  # every legend row gets its room
+    assert figure_height(4, 12) > figure_height(4, 5) > figure_height(2, 5)
+    assert timeline_figure(timeline, step=step, height=300).layout.height == 300
 
 
 def test_figure_of_one_step_and_html(tmp_path, timeline):

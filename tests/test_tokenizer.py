@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -29,20 +31,25 @@ def byte_level_trained() -> HFTokenizer:
 
 
 def sentencepiece_like() -> HFTokenizer:
-    """A Metaspace BPE with byte fallback, like LLaMA's: its decoder strips the first leading space."""
-    tok = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    """A Metaspace BPE with byte fallback, like LLaMA's: ids 3-258 are the byte pieces ``<0x00>``..``<0xFF>``,
+    ordinary vocabulary as in LLaMA's tokenizer.json (so ``skip_special_tokens`` keeps them); anything
+    but "hello" and "world" falls back to bytes; its decoder strips the first leading space."""
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁he", "▁hell", "▁hello", "▁w", "▁wo", "▁wor",
+             "▁worl", "▁world"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words])}
+    merges = [("l", "l"), ("▁", "h"), ("▁h", "e"), ("▁he", "ll"), ("▁hell", "o"), ("▁", "w"), ("▁w", "o"),
+              ("▁wo", "r"), ("▁wor", "l"), ("▁worl", "d")]
+    tok = HFTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
-                                  show_progress=False)
-    tok.train_from_iterator(["hello world"] * 10, trainer)  # "東" etc. are unseen: byte fallback
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     return tok
 
 
 BACKENDS = {"byte_level": lambda: byte_level_tokenizer(512), "trained_bpe": byte_level_trained,
             "sentencepiece_like": sentencepiece_like}
+CACHED = {"byte_level": byte_level_tokenizer(512), "trained_bpe": byte_level_trained()}  # built once for hypothesis
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,6 +76,30 @@ def test_stream_holds_back_incomplete_characters() -> None:
     assert [stream.push(i) for i in ids] == ["", "", "東", "", "", "京"]
     stream = tok.stream()
     assert stream.push(ids[0]) == "" and stream.flush() == "\ufffd"  # cut mid-character: flush says so
+
+
+@pytest.mark.parametrize("backend", ["byte_level", "trained_bpe"])
+@given(data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_stream_of_any_ids_joins_to_decode(backend: str, data: st.DataObject) -> None:
+    """What a random model emits (any ids, so broken UTF-8 and stray specials) streams to ``decode``."""
+    tok = Tokenizer(CACHED[backend], bos_id=1)
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=16))
+    stream = tok.stream()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids)
+
+
+def test_stream_goes_on_where_the_text_already_printed_changes() -> None:
+    """Byte fallback turns every byte of an invalid UTF-8 run into U+FFFD, so "A" (``<0x41>``), once
+    printed, later decodes as "\ufffd" (``<0x41> <0xE6> ▁hello`` is "\ufffd\ufffd hello"). tokenizers'
+    DecodeStream raises there; the stream prints the rest past what it printed and goes on."""
+    backend = sentencepiece_like()
+    tok = Tokenizer(backend)
+    ids = [backend.token_to_id(t) for t in ("<0x41>", "<0xE6>", "▁hello", "▁world", "<0xE4>", "<0xBA>", "<0xAC>")]
+    assert tok.decode(ids[:3]) == "\ufffd\ufffd hello"
+    stream = tok.stream()
+    assert [stream.push(i) for i in ids] == ["A", "", "\ufffd hello", " world", "", "", "京"]
+    assert stream.flush() == ""
 
 
 def test_byte_level_tokenizer_layout() -> None:

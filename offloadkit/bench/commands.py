@@ -15,15 +15,17 @@ import sys
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from offloadkit.bench.kernels import format_markdown, run, write_json
+    from offloadkit.output_paths import check_output_file
 
+    out = check_output_file(args.out, "--out") if args.out else None  # refused before minutes of measuring
     result = run(rounds=args.rounds, quick=args.quick)
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(format_markdown(result))
-    if args.out:
-        write_json(result, args.out)
+    if out is not None:
+        write_json(result, out)
     return 0
 
 
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("kernels", help="CPU expert kernels vs the memory read and torch (measured)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of markdown")
-    p.add_argument("--out", help="also write the JSON result to this file")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is the best (default 3)")
+    p.add_argument("--out", help="also write the JSON result to this file (default: not written)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is the best of them")
     p.add_argument("--quick", action="store_true", help="fewer token counts and shorter timings (a smoke run)")
     p.set_defaults(func=cmd_bench_kernels)

@@ -3,7 +3,8 @@
 - ``offloadkit hardware list``: the catalog side by side, one row per machine.
 - ``offloadkit hardware show NAME``: every figure of one profile (catalog name or TOML path) with its
   derivation and its source.
-- ``offloadkit profile [--out FILE] [--quick]``: measure this machine and write its profile.
+- ``offloadkit profile [--out FILE] [--quick]``: measure this machine and write its profile (the file's
+  path is checked before measuring).
 
 Handlers only format; loading, validation and measuring live in the package. Errors arrive as
 :class:`~offloadkit.errors.ProfileError` and the CLI prints them without a traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from offloadkit.hardware.profile import HardwareProfile
 
@@ -92,7 +94,8 @@ def describe_measurement(p: HardwareProfile) -> str:
     c = p.cpu
     lines = [f"measured {p.name}: {c.name}, {c.cores} cores",
              f"  DRAM read {c.dram_bandwidth_gbps:.1f} GB/s; CPU expert f32 {c.flops_f32_tflops * 1e3:.1f} GFLOP/s, "
-             f"bf16 {c.flops_bf16_tflops * 1e3:.1f} GFLOP/s; call overhead {c.call_overhead_us:.1f} us"]
+             f"bf16 {c.flops_bf16_tflops * 1e3:.1f} GFLOP/s; call overhead {c.call_overhead_us:.1f} us",
+             f"  DRAM read: {p.sources.get('cpu.dram_bandwidth_gbps', 'how it was measured is not recorded')}"]
     if p.gpu is not None and p.link is not None:
         g, k = p.gpu, p.link
         lines.append(f"  GPU {g.name}: {g.usable_memory_gib:.1f} / {g.memory_gib:.1f} GiB usable, "
@@ -127,9 +130,12 @@ def cmd_hardware_show(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from offloadkit.hardware.probe import run_profile
+    from offloadkit.hardware.probe import default_name, run_profile
+    from offloadkit.output_paths import check_output_file
 
-    profile, path = run_profile(out=args.out, quick=args.quick, name=args.name, progress=not args.no_progress)
+    default = Path.cwd() / f"{args.name or default_name()}.toml"
+    out = check_output_file(args.out or default, "--out")  # before a minute of measuring, not after
+    profile, path = run_profile(out=out, quick=args.quick, name=args.name, progress=not args.no_progress)
     print(describe_measurement(profile))
     print(f"wrote {path}  (see it with: offloadkit hardware show {path})")
     return 0
@@ -147,7 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("profile", help="measure this machine (CPU; GPU and PCIe when CUDA is present) "
                                        "and write its hardware profile")
-    p.add_argument("--out", help="the TOML file to write (default: ./measured-<hostname>.toml)")
+    p.add_argument("--out", help="the TOML file to write (default: ./<name>.toml, i.e. ./measured-<hostname>.toml)")
     p.add_argument("--quick", action="store_true", help="smaller buffers and weights: seconds, not a minute")
     p.add_argument("--name", help="the profile's name (default: measured-<hostname>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,12 +2,13 @@
 
 What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, see ``probe_cuda.py``):
 
-- DRAM read bandwidth with all cores: a STREAM-like Numba parallel read (:mod:`offloadkit.hardware.stream`) over
-  a buffer far larger than the caches (512 MiB; 128 MiB with ``--quick``), best of several runs.
+- DRAM read bandwidth with all cores: :func:`offloadkit.hardware.stream.measure_read`, the one read routine
+  (512 MiB, best of several reads, with or without ``--quick``) behind every read figure offloadkit prints;
+  the spread of its samples goes into the figure's source.
 - CPU expert time vs tokens (1, 2, 4, ..., 512): the engine's own SwiGLU expert kernel
   (``offloadkit.kernels.cpu.experts.expert_rows``; torch ``F.linear`` if that module is missing) on a
   hidden 4096 x intermediate 4096 expert (1024 x 2048 with ``--quick``), with f32 weights and with
-  bf16-stored weights (widened to f32 inside the kernel, DESIGN.md section 10): the
+  bf16-stored weights (widened to f32 inside the kernel, docs/DESIGN.md section 10): the
   ``cpu_expert_f32`` / ``cpu_expert_bf16`` curves, per parameter of all three matrices, and their
   best FLOP rates as ``flops_*_tflops``.
 - The per-call overhead of the same kernel on a tiny expert (median).
@@ -30,36 +31,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from offloadkit.errors import ProfileError
 from offloadkit.hardware.machine import cpu_model
 from offloadkit.hardware.profile import CpuProfile, Curve, GpuProfile, HardwareProfile, LinkProfile
 from offloadkit.hardware.toml_writer import save_profile
-
-MIB = 2**20
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     """Sizes and repetitions of one probe run."""
 
-    dram_bytes: int
     hidden: int  # the expert's hidden size H (W1, W3: [I, H]; W2: [H, I])
     intermediate: int  # the expert's intermediate size I
     tokens: tuple[int, ...]
     reps: int  # timed runs per point (best is kept), after one warm-up
     point_budget_s: float  # keep repeating a point until this much time has passed (fast points)
-    dram_budget_s: float  # likewise for the DRAM sum: more samples ride out bursts of other load
 
 
 TOKENS = tuple(2**i for i in range(10))  # 1, 2, 4, ..., 512
 # Full: 3 x 4096 x 4096 = 50M parameters (201 MB in f32, far beyond the caches), a third of a
 # Mixtral-8x7B expert, so that the sweep stays well under two minutes on two cores.
-FULL = ProbeSettings(dram_bytes=512 * MIB, hidden=4096, intermediate=4096, tokens=TOKENS, reps=2,
-                     point_budget_s=0.3, dram_budget_s=1.5)
-QUICK = ProbeSettings(dram_bytes=128 * MIB, hidden=1024, intermediate=2048, tokens=TOKENS, reps=2,
-                      point_budget_s=0.05, dram_budget_s=0.3)
+FULL = ProbeSettings(hidden=4096, intermediate=4096, tokens=TOKENS, reps=2, point_budget_s=0.3)
+QUICK = ProbeSettings(hidden=1024, intermediate=2048, tokens=TOKENS, reps=2, point_budget_s=0.05)
 
 
 # ---- kernels --------------------------------------------------------------------------------------
@@ -103,16 +96,17 @@ def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[
 
 # ---- CPU measurements -----------------------------------------------------------------------------
 
-def measure_dram_gbps(nbytes: int, reps: int = 5, budget_s: float = 0.0) -> float:
-    """All-core DRAM read bandwidth, GB/s (1e9 bytes/s): best of at least ``reps`` reads of a buffer.
+def measure_dram() -> tuple[float, str]:
+    """All-core DRAM read bandwidth (GB/s, 1e9 bytes/s) and how it was measured, with the samples' spread.
 
-    The read is :func:`offloadkit.hardware.stream.stream_read`, the same STREAM-like kernel that
-    ``offloadkit bench kernels`` holds the CPU experts against, so both report one physical limit.
+    The read is :func:`offloadkit.hardware.stream.measure_read`, the routine ``offloadkit bench kernels``
+    and the notebooks print too, so the three report one physical limit (up to the machine's noise,
+    which the spread shows).
     """
-    from offloadkit.hardware.stream import stream_read
+    from offloadkit.hardware.stream import measure_read
 
-    a = np.ones(nbytes // 8, dtype=np.float64)  # np.ones touches every page before timing
-    return a.nbytes / best_time(lambda: stream_read([a]), reps, budget_s) / 1e9
+    read = measure_read()
+    return read.gbps, f"STREAM-like Numba read (offloadkit.hardware.stream.measure_read): {read.describe()}"
 
 
 def measure_cpu_curve(dtype: str, s: ProbeSettings) -> tuple[list[float], int, str]:
@@ -168,10 +162,7 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     cpu, methods = m["cpu"], m["methods"]
     with tqdm(total=steps, desc="offloadkit profile", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("DRAM bandwidth")
-        cpu["dram_bandwidth_gbps"] = measure_dram_gbps(s.dram_bytes, 5, s.dram_budget_s)
-        methods["cpu.dram_bandwidth_gbps"] = (f"STREAM-like Numba read (offloadkit.hardware.stream) of "
-                                              f"{s.dram_bytes // MIB} MiB with {cpu['cores']} threads, "
-                                              f"best of >= 5 runs over {s.dram_budget_s} s")
+        cpu["dram_bandwidth_gbps"], methods["cpu.dram_bandwidth_gbps"] = measure_dram()
         methods["cpu.cores"] = "Numba threads (numba.get_num_threads())"
         bar.update()
         for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):

@@ -6,10 +6,12 @@ otherwise. It measures, on device 0:
 - memory bandwidth: a device-to-device copy of 1 GiB (256 MiB with ``--quick``), read + write bytes;
 - dense matmul TFLOP/s in f32 (TF32 off), bf16 and f16 on square matrices (8192; 4096 quick);
 - launch overhead: many tiny ``add_`` kernels then one synchronize, per kernel, best of 3;
-- H2D and D2H bandwidth from pinned and from pageable host memory (256 MiB; 64 MiB quick), and the
-  latency of a 4-byte pinned copy (median);
+- H2D and D2H bandwidth from pinned and from pageable host memory (256 MiB; 64 MiB quick), every
+  host page written first, and the latency of a 4-byte pinned copy (median); the link's generation
+  and width from ``nvidia-smi``, asked about *this* device by its PCI bus id (or UUID);
 - total and usable memory (free memory once torch's context exists, minus 0.5 GiB of allocator slack);
-- a ``gpu_matmul_bf16`` curve: ``F.linear`` on the expert-sized weight across the probe's token counts.
+- a ``gpu_matmul_bf16`` curve: ``F.linear`` on the expert-sized weight across the probe's token counts,
+  which the cost model prices bf16 and f16 GPU matmuls with (never below bytes / bandwidth).
 
 It refuses to run on the CPU (no fallback figures): without CUDA it raises ``ProfileError``. None of
 this can run on the machines offloadkit is developed on; ``tests/test_probe.py`` checks the profile
@@ -109,10 +111,26 @@ def launch_overhead_us(kernels: int = 2000) -> float:
     return wall_best_time(burst, 3) / kernels * 1e6
 
 
-def copy_gbps(direction: str, pinned: bool, nbytes: int, reps: int = 5) -> float:
+def host_buffer(nbytes: int, pinned: bool) -> Any:
+    """A host tensor of ``nbytes`` bytes whose every page has been written.
+
+    A fresh pageable allocation of this size is mapped on demand: until a page is written, every read
+    of it comes from the kernel's one shared zero page, which stays in the CPU caches. An H2D copy from
+    such a buffer reads almost no DRAM and overstates the pageable bandwidth. Writing it first gives
+    each page its own frame, as a real weight buffer has. (Pinned memory is mapped and locked at
+    allocation; it is written anyway, so both kinds are measured alike.)
+    """
     import torch
 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    host.fill_(0xA5)  # any value: what matters is that every page is written
+    return host
+
+
+def copy_gbps(direction: str, pinned: bool, nbytes: int, reps: int = 5) -> float:
+    import torch
+
+    host = host_buffer(nbytes, pinned)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     if direction == "h2d":
         fn = lambda: dev.copy_(host, non_blocking=pinned)
@@ -144,13 +162,36 @@ def parse_link_query(text: str) -> str | None:
     return f"PCIe {parts[0]}.0 x{parts[1]}"
 
 
-def link_name() -> str:
-    """The link's generation and width from nvidia-smi, or a plain label when it cannot say."""
+def smi_device_id(index: int = 0) -> str | None:
+    """How ``nvidia-smi --id=`` names torch's CUDA device ``index``: its PCI bus id (``00000000:41:00.0``),
+    else its UUID (``GPU-...``), else None.
+
+    Not the index: nvidia-smi numbers every GPU of the machine in PCI order, while torch numbers only
+    those ``CUDA_VISIBLE_DEVICES`` shows, in the order it lists them (and CUDA's default order is
+    fastest first): with ``CUDA_VISIBLE_DEVICES=1``, torch's device 0 is nvidia-smi's 1. The bus id
+    and the UUID name one physical GPU whatever the numbering.
+    """
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:  # where this torch has the PCI ids (older builds: the UUID only); function 0
+        return f"{getattr(props, 'pci_domain_id', 0):08X}:{bus:02X}:{getattr(props, 'pci_device_id', 0):02X}.0"
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid:
+        return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    return None
+
+
+def link_name(index: int = 0) -> str:
+    """The link's generation and width from nvidia-smi for torch's device ``index``, or a plain label
+    when it cannot say (no nvidia-smi, or no way to name the device to it)."""
     smi = shutil.which("nvidia-smi")
-    if smi:
+    device = smi_device_id(index) if smi else None
+    if smi and device:
         try:
             r = subprocess.run([smi, "--query-gpu=pcie.link.gen.max,pcie.link.width.max", "--format=csv,noheader",
-                                "--id=0"], capture_output=True, text=True, timeout=10)
+                                f"--id={device}"], capture_output=True, text=True, timeout=10)
             name = parse_link_query(r.stdout) if r.returncode == 0 else None
             if name:
                 return name
@@ -196,13 +237,14 @@ def measure_cuda(m: dict[str, Any], s: Any, bar: Any) -> None:
     bar.update()
 
     bar.set_postfix_str("PCIe copies")
-    link: dict[str, Any] = {"name": link_name()}
+    link: dict[str, Any] = {"name": link_name(0)}
     for direction in ("h2d", "d2h"):
         for pinned in (True, False):
             key = f"{direction}_{'pinned' if pinned else 'pageable'}_gbps"
             link[key] = copy_gbps(direction, pinned, copy_bytes)
             methods[f"link.{key}"] = (f"{direction.upper()} copy of {copy_bytes // MIB} MiB from "
-                                      f"{'pinned' if pinned else 'pageable'} host memory, best of 5")
+                                      f"{'pinned' if pinned else 'pageable'} host memory (every page written "
+                                      "first), best of 5")
     link["latency_us"] = copy_latency_us()
     methods["link.latency_us"] = "median of 200 pinned 4-byte H2D copies, each followed by a synchronize"
     bar.update()

@@ -1,6 +1,6 @@
 """Hardware profiles: what one machine's CPU, GPU and PCIe link can do, in numbers with units.
 
-The cost model (DESIGN.md section 4) needs, for every lane, a bandwidth, a FLOP rate and a fixed
+The cost model (docs/DESIGN.md section 4) needs, for every lane, a bandwidth, a FLOP rate and a fixed
 overhead; this module holds them as frozen dataclasses with the unit in every name:
 
 - ``_gbps`` is gigabytes per second, 1e9 bytes/s (not gigabits); ``_tflops`` is 1e12 FLOP/s;
@@ -54,7 +54,7 @@ class CpuProfile:
     """The host: cores the kernels use, DRAM read bandwidth, FLOP rates of the project's CPU kernels.
 
     ``flops_bf16_tflops`` is the rate of bf16-*stored* weights widened to f32 for the arithmetic
-    (DESIGN.md section 10), which is what the CPU kernels do on CPUs without AVX-512 BF16.
+    (docs/DESIGN.md section 10), which is what the CPU kernels do on CPUs without AVX-512 BF16.
     """
 
     name: str

@@ -3,14 +3,13 @@
 ``offloadkit kernels compile [--arch 8.9 ...] [--kernel NAME ...] [--ptx-dir DIR]`` compiles the CUDA
 kernels with NVRTC, which needs no GPU, and prints per kernel file and architecture whether it
 compiled, its PTX and cubin sizes and the compile time; ``--ptx-dir`` writes the PTX files. It also
-says whether CuPy could run them here. It refuses nothing but a failed compile: that prints NVRTC's
-log and exits 1.
+says whether CuPy could run them here. It refuses unknown kernel files and a ``--ptx-dir`` it could
+not write (before compiling); a failed compile prints NVRTC's log and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def cmd_kernels_compile(args: argparse.Namespace) -> int:
@@ -18,7 +17,9 @@ def cmd_kernels_compile(args: argparse.Namespace) -> int:
     from offloadkit.kernels.cuda import nvrtc
     from offloadkit.kernels.cuda.loader import cupy_status
     from offloadkit.kernels.cuda.nvrtc import KERNELS
+    from offloadkit.output_paths import check_output_folder
 
+    ptx_dir = check_output_folder(args.ptx_dir, "--ptx-dir") if args.ptx_dir else None
     archs = args.arch or list(nvrtc.COMPUTE_CAPABILITIES)
     names = args.kernel or sorted(KERNELS)
     unknown = [n for n in names if n not in KERNELS]
@@ -38,10 +39,9 @@ def cmd_kernels_compile(args: argparse.Namespace) -> int:
                 continue
             print(f"{name:<18} {arch:>5} {'ok':<8} {len(KERNELS[name]):>7} {len(ptx.image):>9,}B "
                   f"{len(cubin.image):>9,}B {ptx.seconds + cubin.seconds:>6.2f}s")
-            if args.ptx_dir:
-                out = Path(args.ptx_dir) / f"{name}.sm_{arch.replace('.', '')}.ptx"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(ptx.ptx)
+            if ptx_dir is not None:
+                ptx_dir.mkdir(exist_ok=True)
+                (ptx_dir / f"{name}.sm_{arch.replace('.', '')}.ptx").write_text(ptx.ptx)
     for e in failures:
         print(f"\n{e}")
     return 1 if failures else 0
@@ -55,5 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--arch", action="append", help="compute capability, e.g. 8.9 (repeatable; default: "
                    "8.0 8.6 8.9 9.0)")
     c.add_argument("--kernel", action="append", help="a kernel file, e.g. expert_swiglu (repeatable; default: all)")
-    c.add_argument("--ptx-dir", help="write each PTX to this folder")
+    c.add_argument("--ptx-dir", help="write each PTX to this folder (created; its parent folder must exist) "
+                                     "(default: not written)")
     c.set_defaults(func=cmd_kernels_compile)

@@ -1,6 +1,6 @@
 """Which experts a model's routers choose: counts per layer, measured by running the reference.
 
-Expert popularity drives the partitioner (a hot expert earns GPU rows, DESIGN.md section 5), and it
+Expert popularity drives the partitioner (a hot expert earns GPU rows, docs/DESIGN.md section 5), and it
 is how one sees that a trained router has learned something: a random router spreads tokens evenly,
 a trained one does not. Later issues record full traces; this module only counts.
 """

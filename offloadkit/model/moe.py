@@ -1,7 +1,7 @@
 """The feed-forward math every engine shares: SwiGLU over row slices, the routers, expert dispatch.
 
 These are the pieces the engine reuses when it splits a block into CC / CG / GG row slices
-(DESIGN.md section 3), so they are plain functions over tensors, not modules:
+(docs/DESIGN.md section 3), so they are plain functions over tensors, not modules:
 
 - :func:`swiglu` computes ``W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)``; the partials over
   any split of the intermediate rows sum to the full output.

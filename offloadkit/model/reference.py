@@ -1,6 +1,6 @@
 """The reference forward: plain PyTorch, the oracle every offloadkit executor is checked against.
 
-DESIGN.md section 10: every plan the engine runs must give the logits of this module, and this
+docs/DESIGN.md section 10: every plan the engine runs must give the logits of this module, and this
 module must give the logits of Hugging Face transformers (5.23) for each supported architecture:
 Mixtral, LLaMA, Qwen2-MoE and PhiMoE. It is written functionally over a mapping of weights by their
 Hub names (``spec.tensors()``), one readable function per part of a decoder layer, so that the engine
@@ -163,7 +163,7 @@ class ReferenceModel:
                   cache: KVCache | None) -> torch.Tensor:
         """Self-attention of layer ``layer`` for ``x`` [B, T, H] at positions ``[start, start + T)``.
 
-        Three parts, as the engine places them (DESIGN.md section 3): the QKV projections, the
+        Three parts, as the engine places them (docs/DESIGN.md section 3): the QKV projections, the
         attention core over the KV cache, and the O projection.
         """
         q, k, v = self.attn_qkv(layer, x, cos, sin)

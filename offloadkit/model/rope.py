@@ -15,7 +15,7 @@ PhiMoE is a special case, matched on purpose: ``PhimoeRotaryEmbedding.forward`` 
 recomputes its frequencies with ``rope_init_fn(config)`` and *no* sequence length, so it always uses
 ``short_factor``; what switches with the sequence length is only the scale, ``long_mscale`` or
 ``short_mscale``. (Microsoft's original PhiMoE code switched both.) The oracle follows transformers,
-because the numerics contract (DESIGN.md section 10) is "equal to transformers".
+because the numerics contract (docs/DESIGN.md section 10) is "equal to transformers".
 
 The choice of long or short is made once per forward call from the largest position in it, as
 transformers does, so a long prompt run in one call and the same prompt run in two calls can differ

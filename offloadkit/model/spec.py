@@ -51,7 +51,7 @@ class TensorSpec:
 class Block:
     """A group of tensors the engine places and splits as one unit.
 
-    ``rows`` is the dimension a block is split along into CC / CG / GG slices (DESIGN.md section 3):
+    ``rows`` is the dimension a block is split along into CC / CG / GG slices (docs/DESIGN.md section 3):
     the intermediate dimension of an FFN or expert, output features of QKV, input features of O,
     the vocabulary of lm_head. ``rows == 0`` marks blocks that are never split (norms, routers).
     """

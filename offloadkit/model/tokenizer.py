@@ -4,7 +4,9 @@ A thin wrapper over a Hugging Face ``tokenizers.Tokenizer`` (``tokenizer.json``,
 every model on the Hub ships) that knows the model's BOS and EOS ids, and an incremental decoder:
 byte-level BPE splits one character over several tokens ("東" is three byte tokens), so decoding
 token by token would print replacement characters. :class:`TokenStream` holds text back until it is
-whole, and what it prints, joined, equals ``decode`` of all the ids.
+whole, and what it prints, joined, equals ``decode`` of all the ids (always with byte-level BPE, even
+for ids that are not valid UTF-8; with byte fallback, whenever the bytes are). It is ``tokenizers``'
+own ``decoders.DecodeStream`` plus the two things that class lacks (see :class:`TokenStream`).
 
 It also builds :func:`byte_level_tokenizer`, the tokenizer offloadkit writes beside random
 checkpoints: ids 0-2 are ``<unk> <s> </s>``, ids 3-258 the 256 bytes (like LLaMA's byte fallback),
@@ -29,21 +31,37 @@ from offloadkit.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 BYTE_VOCAB_MIN = 259  # 3 special tokens + 256 bytes
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+INVALID_PREFIX = "Invalid prefix encountered"  # how the message of DecodeStream's refusal starts
 
 
 class TokenStream:
     """Incremental decoding: ``push(id)`` returns the text that is now certain ("" if none yet).
 
-    It decodes a short window of recent ids twice, without and with the new one, and prints the
-    difference once it does not end in an incomplete character (U+FFFD). Decoding a window rather
-    than one token also keeps decoders that strip a leading space (sentencepiece's) correct.
+    The work is done by ``tokenizers.decoders.DecodeStream``: it decodes a short window of recent ids
+    twice, without and with the new one, and hands out the difference once it does not end in an
+    incomplete character (U+FFFD); decoding a window rather than one token also keeps decoders that
+    strip a leading space (sentencepiece's) correct. On the cases tests/test_tokenizer.py checks
+    (byte-level BPE, trained merges across characters, sentencepiece-style byte fallback, special
+    tokens skipped) and on thousands of random id sequences it gives exactly the pieces offloadkit's
+    former hand-written decoder gave. This class mirrors the window's bounds to add what it lacks:
+
+    - :meth:`flush`: DecodeStream has no end; an incomplete character at the very end of a stream
+      stays held back forever. ``flush`` prints it (as U+FFFD), as ``decode`` of all the ids does.
+    - Recovery from ``Invalid prefix``: DecodeStream raises when the window's text, grown by a token,
+      no longer starts with the text already printed. That happens with byte-fallback decoders
+      (LLaMA's, Mistral's): ``ByteFallback`` turns every byte of an invalid UTF-8 run into U+FFFD, so
+      ``<0x41>`` prints "A" and ``<0x41> <0xE6> ▁hello`` later decodes as "�� hello" (vLLM resets its
+      stream on the same error: vllm-project/vllm#17448). Text already printed cannot be taken back,
+      so this prints the rest of the window past the printed length, as the hand-written decoder did,
+      and restarts the stream there (``DecodeStream(ids=...)``, tokenizers >= 0.22).
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, skip_special_tokens: bool = True) -> None:
         self._backend = backend
         self._skip = skip_special_tokens
+        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
         self.ids: list[int] = []
-        self._prefix = 0  # window start: ids[_prefix:_read] have been printed already
+        self._prefix = 0  # DecodeStream's window start: ids[_prefix:_read] have been printed already
         self._read = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -51,18 +69,28 @@ class TokenStream:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return now[len(before):]
-        return ""
+        try:
+            text = self._stream.step(self._backend, int(token_id))
+        except Exception as e:  # tokenizers raises a bare Exception
+            if not str(e).startswith(INVALID_PREFIX):
+                raise
+            before = self._decode(self.ids[self._prefix:self._read])
+            now = self._decode(self.ids[self._prefix:])
+            if now.endswith("\ufffd") or len(now) <= len(before):
+                return ""  # nothing certain yet; the stream resumes from the same window
+            text = now[len(before):]
+            self._stream = decoders.DecodeStream(ids=self.ids[self._read:], skip_special_tokens=self._skip)
+        if text is None:
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character at the very end); call once at the end."""
         before = self._decode(self.ids[self._prefix:self._read])
         now = self._decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
+        self._stream = decoders.DecodeStream(skip_special_tokens=self._skip)
         return now[len(before):]
 
 

@@ -1,12 +1,15 @@
 """The cost model: how long one task takes on one lane of a machine described by a hardware profile.
 
-DESIGN.md section 4. Every task is priced with a roofline,
+docs/DESIGN.md section 4. Every task is priced with a roofline,
 
     t = overhead(lane) + max(bytes / bandwidth(lane), flops / flop_rate(lane, dtype))
 
 using the bandwidths, FLOP rates and per-call overheads of a :class:`~offloadkit.hardware.profile.HardwareProfile`.
-Where the profile carries a *measured curve* for a kind of work (CPU expert / matmul time as a
-function of tokens, measured by ``offloadkit profile``), the curve replaces the roofline.
+Where the profile carries a *measured curve* for a matmul (the CPU expert, the GPU's ``F.linear``:
+time as a function of tokens, measured by ``offloadkit profile``), the curve prices it instead of the
+FLOP rate, but never below the time to read its bytes at the lane's bandwidth: a curve is measured on
+one weight size and scaled per parameter, and a weight small enough to sit in cache when it was
+measured would otherwise price a task faster than memory can deliver it.
 
 The partitioner, token assignment (inside the decode loop) and the simulator all call it, so it is
 built to be cheap: :class:`CostModel` resolves everything a profile and a model imply once, in its
@@ -36,6 +39,9 @@ ACT_BYTES = 4
 #: ``offloadkit profile`` writes them). f16 weights are widened like bf16 ones, so they share its curve.
 CPU_CURVE_KEYS: dict[str, str] = {"float32": "cpu_expert_f32", "bfloat16": "cpu_expert_bf16",
                                   "float16": "cpu_expert_bf16"}
+#: The same for GPU matmuls. The probe measures bf16 only; f16 has the same bytes and the same tensor-core
+#: rate on the GPUs offloadkit targets (Ampere and later), so it shares the curve; f32 keeps the roofline.
+GPU_CURVE_KEYS: dict[str, str] = {"bfloat16": "gpu_matmul_bf16", "float16": "gpu_matmul_bf16"}
 
 
 class CostModel:
@@ -56,6 +62,7 @@ class CostModel:
         self.cpu_curve = curves.get(CPU_CURVE_KEYS[spec.dtype])
         gpu, link = profile.gpu, profile.link
         self.has_gpu = gpu is not None and link is not None
+        self.gpu_curve = curves.get(GPU_CURVE_KEYS.get(spec.dtype, "")) if self.has_gpu else None
         if self.has_gpu:
             self.gpu_bw = float(gpu.memory_bandwidth_gbps) * 1e9
             self.gpu_rate = gpu.flop_rate(spec.dtype)
@@ -97,11 +104,20 @@ class CostModel:
         """A weight slice of ``params`` parameters applied to ``tokens`` tokens (an expert, QKV, lm_head...).
 
         Reads the weights once (``params * weight bytes``) plus ``act_bytes`` of activations; does
-        ``2 * params * tokens`` FLOPs. On the CPU a measured curve, where the profile has one, replaces this.
+        ``2 * params * tokens`` FLOPs. Where the profile has a measured curve for the lane and dtype, the
+        curve's time replaces the FLOP term, floored at the bytes over the lane's bandwidth:
+
+        - CPU: ``max(curve, overhead * launches + bytes / bandwidth)`` (the curve timed whole calls, so
+          it already holds a call's overhead);
+        - GPU: ``overhead * launches + max(curve, bytes / bandwidth)`` (CUDA events timed the device
+          alone, so the launch overhead comes on top).
         """
+        bytes_ = params * self.weight_bytes + act_bytes
         if lane == "cpu" and self.cpu_curve is not None:
-            return self.cpu_curve.time_s(tokens, params)
-        return self.roofline_s(lane, params * self.weight_bytes + act_bytes, 2.0 * params * tokens, launches)
+            return max(self.cpu_curve.time_s(tokens, params), self.cpu_overhead * launches + bytes_ / self.cpu_bw)
+        if lane == "gpu" and self.gpu_curve is not None:
+            return self.gpu_overhead * launches + max(self.gpu_curve.time_s(tokens, params), bytes_ / self.gpu_bw)
+        return self.roofline_s(lane, bytes_, 2.0 * params * tokens, launches)
 
     def copy_s(self, direction: str, bytes_: float, pinned: bool | None = None) -> float:
         """A PCIe copy of ``bytes_`` host->device (``h2d``) or device->host (``d2h``): latency + bytes / bandwidth."""
@@ -155,4 +171,4 @@ class CostModel:
         return out
 
 
-__all__ = ["ACT_BYTES", "CPU_CURVE_KEYS", "CostModel"]
+__all__ = ["ACT_BYTES", "CPU_CURVE_KEYS", "GPU_CURVE_KEYS", "CostModel"]

@@ -3,7 +3,7 @@
 A :class:`Plan` says, for every block of a :class:`~offloadkit.model.spec.ModelSpec`, how many of its
 rows are **GG** (resident in GPU memory, computed by the GPU), where each layer's attention core and KV
 cache live, and how the host rows of a block are run at a step: on the CPU (**CC**) or copied over
-PCIe and run on the GPU (**CG**) (DESIGN.md section 3). Blocks that are never split (norms, routers,
+PCIe and run on the GPU (**CG**) (docs/DESIGN.md section 3). Blocks that are never split (norms, routers,
 the embedding table) count as one row: resident or not.
 
 The builders here are the plans a user knows already: :func:`all_cpu`, :func:`all_gpu` and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numbers
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from offloadkit.errors import PlanError
@@ -46,8 +46,10 @@ class Workload:
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "gen_tokens", "batch"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if name == "gen_tokens" else 1):
-                raise PlanError(f"workload {name} must be a positive integer, got {v!r}")
+            gen = name == "gen_tokens"  # 0 is prefill only (llama-bench -n 0)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if gen else 1):
+                raise PlanError(f"workload {name} must be a {'non-negative' if gen else 'positive'} integer, "
+                                f"got {v!r}" + (" (0 is prefill only)" if gen else ""))
 
     @property
     def max_len(self) -> int:
@@ -56,8 +58,9 @@ class Workload:
 
     @property
     def label(self) -> str:
-        """llama-bench style: ``pp512+tg128`` (``xB4`` for batches)."""
-        return f"pp{self.prompt_tokens}+tg{self.gen_tokens}" + (f" x B{self.batch}" if self.batch > 1 else "")
+        """llama-bench style: ``pp512+tg128``, ``pp512`` when prefill only (``x B4`` for batches)."""
+        return (f"pp{self.prompt_tokens}" + (f"+tg{self.gen_tokens}" if self.gen_tokens else "")
+                + (f" x B{self.batch}" if self.batch > 1 else ""))
 
 
 def head_block(spec: ModelSpec) -> Block:
@@ -159,16 +162,28 @@ def first_n_layers_on_gpu(spec: ModelSpec, n: int, *, op_offload: bool = True) -
 
 
 def parse_plan(text: str, spec: ModelSpec) -> Plan:
-    """``"all-cpu"``, ``"all-gpu"`` or ``"ngl:N"`` -> a :class:`Plan` of ``spec``."""
-    t = text.strip().lower()
-    if t in ("all-cpu", "cpu-only", "cpu"):
-        return all_cpu(spec)
-    if t in ("all-gpu", "gpu-only", "gpu"):
-        return all_gpu(spec)
-    m = re.fullmatch(r"ngl[:=]?(\d+)", t)
-    if m:
-        return first_n_layers_on_gpu(spec, int(m.group(1)))
-    raise PlanError(f"unknown plan {text!r}: known plans are {', '.join(PLAN_FORMS)} (N layers on the GPU)")
+    """``"all-cpu"``, ``"all-gpu"`` or ``"ngl:N"`` -> a :class:`Plan` of ``spec``; anything else is refused.
+
+    Only these exact forms are accepted (``"ngl8"``, ``"NGL:8"``, ``"cpu"`` are refused, not guessed at).
+    ``ngl:N`` counts as llama.cpp's ``-ngl N`` does: ``N = n_layers + 1`` is every layer and the output
+    layer, and any larger ``N`` (``ngl:99``, llama.cpp users' "everything") means the same; the plan is
+    then labelled ``ngl:<n_layers + 1>`` and ``plan.meta["note"]`` says what ``N`` became.
+    """
+    if text in ("all-cpu", "all-gpu"):
+        return all_cpu(spec) if text == "all-cpu" else all_gpu(spec)
+    m = re.fullmatch(r"ngl:(-?[0-9]+)", text)
+    if m is None:
+        raise PlanError(f"unknown plan {text!r}: the plans are {', '.join(PLAN_FORMS)} "
+                        f"(N decoder layers on the GPU, e.g. ngl:8)")
+    n, everything = int(m.group(1)), spec.n_layers + 1
+    if n < 0:
+        raise PlanError(f"plan {text!r}: ngl:N takes N >= 0 layers on the GPU (ngl:0 puts none there)")
+    if n <= everything:
+        return first_n_layers_on_gpu(spec, n)
+    plan = first_n_layers_on_gpu(spec, everything)
+    note = (f"{text} → all {spec.n_layers} layers + the output layer of {spec.name or spec.arch} "
+            f"(ngl:{everything}), as in llama.cpp")
+    return replace(plan, meta={**plan.meta, "requested": text, "note": note})
 
 
 # ---- memory --------------------------------------------------------------------------------------

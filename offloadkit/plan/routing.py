@@ -21,6 +21,7 @@ What a real run of the reference chose, counted and summarized for people (entro
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,23 +188,35 @@ def record_trace(model: Any, prompt_ids: Sequence[int] | np.ndarray, gen_tokens:
                         dict(meta or {}))
 
 
+ROUTING_FORMS = ("uniform", "zipf:S", "trace:PATH")
+
+
 def parse_routing(text: str | None, seed: int = 0) -> Routing:
-    """``"uniform"`` | ``"zipf:1.2"`` | ``"trace:PATH"`` -> a routing source."""
-    t = (text or "uniform").strip()
-    if t == "uniform":
+    """``"uniform"`` | ``"zipf:1.2"`` | ``"trace:PATH"`` -> a routing source (``None``: uniform).
+
+    Only these exact forms are accepted: ``"zipf"`` without its exponent, ``"Uniform"`` or ``"zipf=1.2"``
+    are refused, naming the forms, rather than read as something the user may not have meant.
+    """
+    if text is None or text == "uniform":
         return SyntheticRouting(0.0, seed)
-    if t.startswith("zipf"):
+    forms = f"the routings are {', '.join(ROUTING_FORMS)} (e.g. zipf:1.2, trace:demo-mixtral-pydoc.npz)"
+    kind, colon, arg = text.partition(":")
+    if kind == "zipf" and colon:
         try:
-            s = float(t.split(":", 1)[1]) if ":" in t else 1.2
+            s = float(arg)
         except ValueError:
-            s = -1.0
-        if s < 0:
-            raise PlanError(f"zipf routing takes a non-negative exponent, e.g. zipf:1.2, not {text!r}")
+            s = math.nan
+        if not (math.isfinite(s) and s >= 0):
+            raise PlanError(f"zipf routing takes a finite exponent S >= 0, e.g. zipf:1.2, not {text!r}")
         return SyntheticRouting(s, seed)
-    if t.startswith("trace:"):
-        return RoutingTrace.load(t.split(":", 1)[1])
-    raise PlanError(f"unknown routing {text!r}: use uniform, zipf:S (e.g. zipf:1.2) or trace:PATH")
+    if kind == "trace" and colon:
+        if not arg:
+            raise PlanError(f"routing {text!r} names no file: give trace:PATH (a .npz from record_trace)")
+        return RoutingTrace.load(arg)
+    if kind == "zipf":
+        raise PlanError(f"routing {text!r} needs its exponent: zipf:S with S >= 0, e.g. zipf:1.2")
+    raise PlanError(f"unknown routing {text!r}: {forms}")
 
 
-__all__ = ["Routing", "RoutingTrace", "SyntheticRouting", "counts_from_choices", "moe_layers", "parse_routing",
-           "record_trace"]
+__all__ = ["ROUTING_FORMS", "Routing", "RoutingTrace", "SyntheticRouting", "counts_from_choices", "moe_layers",
+           "parse_routing", "record_trace"]

@@ -1,6 +1,6 @@
 """The real CPU engine: a whole model on the CPU through offloadkit's kernels, with a measured Timeline.
 
-This is the ``cpu-only`` end of the design (DESIGN.md sections 8 and 9): every weight stays in host
+This is the ``cpu-only`` end of the design (docs/DESIGN.md sections 8 and 9): every weight stays in host
 memory in its stored dtype (a memory-mapped checkpoint stays mapped) and every task runs on the
 ``cpu`` lane: the experts, dense FFNs, attention projections, routers and lm_head through
 :mod:`offloadkit.kernels.cpu.experts` (decode kernel for a few tokens, prefill kernel for many); the
@@ -11,7 +11,7 @@ residual adds stay in torch.
 The math around the kernels (RoPE, the KV cache, routing rules, expert dispatch) is the reference
 forward's own: :class:`CpuEngine` *is* a
 :class:`~offloadkit.model.reference.ReferenceModel` whose weight-reading parts are replaced, so the
-two can only differ by the kernels' summation order, and greedy tokens match (DESIGN.md section 10).
+two can only differ by the kernels' summation order, and greedy tokens match (docs/DESIGN.md section 10).
 
 Every forward appends measured :class:`~offloadkit.runtime.timeline.TaskRecord` s to
 ``engine.timeline`` (``source="measured"``, machine = this CPU and its threads): per layer the

@@ -1,6 +1,6 @@
 """Run a step's task graph on real tensors, to prove that a plan computes what the model computes.
 
-The simulator with numerics (DESIGN.md section 9) hands every task, as it is issued, to
+The simulator with numerics (docs/DESIGN.md section 9) hands every task, as it is issued, to
 :class:`NumericsExecutor`, which does that task's share of the math with the reference model's own
 per-part functions (``norm``, ``route``, ``expert(..., rows=...)``, RoPE, ``causal_attention``) on the
 CPU: a QKV slice fills its output columns, an O slice or an expert slice adds its partial sum, an
@@ -8,7 +8,7 @@ lm_head slice fills its vocabulary columns. Copies move nothing (every tensor is
 they are *in the graph* where a value crosses devices is checked separately, on the schedule, by
 :func:`~offloadkit.runtime.tasks.check_dataflow`.
 
-The result must equal :meth:`ReferenceModel.forward` (DESIGN.md section 10). The router runs for
+The result must equal :meth:`ReferenceModel.forward` (docs/DESIGN.md section 10). The router runs for
 real, so the experts that get tasks are the ones the model picks (the builder asks
 :meth:`expert_counts` after the router task). This is for tiny models: it refuses nothing, and it is
 not fast (it is the reference's math, sliced).

@@ -1,4 +1,4 @@
-"""The simulator: run a plan's task graphs in virtual time on a hardware profile (DESIGN.md section 9).
+"""The simulator: run a plan's task graphs in virtual time on a hardware profile (docs/DESIGN.md section 9).
 
 Discrete-event execution without threads or waiting. Each lane runs its tasks one at a time in
 issue order; a task starts when its lane is free and all its dependencies have finished. Because

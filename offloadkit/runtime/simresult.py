@@ -85,12 +85,16 @@ class SimResult:
         return self.timeline.label
 
     def summary(self) -> dict[str, Any]:
-        """The figures as a flat dict (for JSON and notebooks); ``source`` says they are simulated."""
+        """The figures as a flat dict (for JSON and notebooks); ``source`` says they are simulated.
+
+        Prefill only (``gen_tokens == 0``): the decode rate and bounding lane are ``None``, not 0 and a guess."""
+        decodes = self.workload.gen_tokens > 0
         return {"source": "simulated", "profile": self.profile, "model": self.model, "plan": self.plan,
                 "workload": self.workload.label, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "total_s": self.total_s, "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s, "busy_s": self.busy_s,
-                "bounding_lane": {p: self.bounding_lane(p) for p in ("prefill", "decode", "total")}}
+                "decode_tokens_per_s": self.decode_tokens_per_s if decodes else None, "busy_s": self.busy_s,
+                "bounding_lane": {p: self.bounding_lane(p) if decodes or p != "decode" else None
+                                  for p in ("prefill", "decode", "total")}}
 
     def table(self) -> str:
         """A plain-text table, labelled **simulated** on the profile."""
@@ -98,7 +102,7 @@ class SimResult:
         rows = [("prefill", w.batch * w.prompt_tokens, self.prefill_s, self.prefill_tokens_per_s,
                  self.busy_prefill_s, "prefill"),
                 ("decode", w.batch * w.gen_tokens, self.decode_s, self.decode_tokens_per_s, self.busy_decode_s,
-                 "decode")]
+                 "decode")][:2 if w.gen_tokens else 1]  # prefill only (gen 0, llama-bench -n 0): no decode row
         out = [f"{self.model} · plan {self.plan} · {w.label}, batch {w.batch} — simulated on {self.profile}",
                f"{'phase':<8} {'tokens':>7} {'time s':>10} {'tokens/s':>10}  "
                + "  ".join(f"{lane + ' busy':>10}" for lane in LANES) + "  bound by"]

@@ -1,4 +1,4 @@
-"""Tasks and task graphs: one step of inference as work on four lanes (DESIGN.md section 2).
+"""Tasks and task graphs: one step of inference as work on four lanes (docs/DESIGN.md section 2).
 
 A :class:`Task` is one piece of work on one lane (``cpu``, ``gpu``, ``h2d``, ``d2h``): a norm, an
 expert slice, an attention core, an activation copy, a weight copy. It carries what the cost model

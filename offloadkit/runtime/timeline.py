@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from offloadkit.errors import OffloadkitError
 
-#: The four lanes of DESIGN.md section 2, in the order they are drawn.
+#: The four lanes of docs/DESIGN.md section 2, in the order they are drawn.
 LANES: tuple[str, ...] = ("cpu", "gpu", "h2d", "d2h")
 Source = Literal["measured", "simulated"]
 

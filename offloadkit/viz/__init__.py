@@ -1,0 +1,9 @@
+"""Plotly figures of the course and the CLI; each title says measured, simulated or computed, and on what.
+
+- :mod:`~offloadkit.viz.anatomy` — where a model's bytes are, which experts its tokens chose;
+- :mod:`~offloadkit.viz.hardware` — profiles through the cost model: rooflines with their roofs, the catalog;
+- :mod:`~offloadkit.viz.timeline` — a step's lanes, one bar per task, the legend below with every kind;
+- :mod:`~offloadkit.viz.cpu_kernels` — the CPU expert against this machine's memory read (notebook 04).
+
+They draw; they never measure or simulate (the notebooks and commands do, and pass the results in).
+"""

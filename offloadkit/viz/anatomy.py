@@ -1,7 +1,8 @@
 """Plotly figures of a model's anatomy: where its bytes are and which experts its tokens use.
 
 Notebook 01 draws these; they take :class:`ModelSpec` objects (from published configs, no weights)
-or routing counts measured by :mod:`offloadkit.model.expert_usage`, and say which in their titles.
+or routing counts measured by :mod:`offloadkit.model.expert_usage`, and say which in their titles:
+"computed from published configs" (no machine involved) or "measured" with the run and machine named.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def bytes_by_kind_figure(specs: list[ModelSpec], gpu_gib: float | None = 24.0) -
     if gpu_gib:
         fig.add_hline(y=gpu_gib, line_dash="dash", annotation_text=f"a {gpu_gib:g} GiB GPU")
     fig.update_layout(barmode="stack", yaxis_title="weights (GiB, stored dtype)",
-                      title="Where the bytes are (from published configs; no weights needed)")
+                      title="Where the bytes are — computed from published configs (no weights; not measured, "
+                            "not simulated)")
     return fig
 
 
@@ -45,7 +47,8 @@ def active_vs_total_figure(specs: list[ModelSpec]) -> go.Figure:
     fig.add_bar(name="total", x=names, y=[s.total_params / 1e9 for s in specs])
     fig.add_bar(name="active per token", x=names, y=[s.active_params / 1e9 for s in specs])
     fig.update_layout(barmode="group", yaxis_title="parameters (billions)",
-                      title="A token uses a fraction of a MoE model (from published configs)")
+                      title="A token uses a fraction of a MoE model — computed from published configs (not measured, "
+                            "not simulated)")
     return fig
 
 
@@ -65,5 +68,5 @@ def expert_usage_figure(counts: dict[int, torch.Tensor], label: str) -> go.Figur
     fig = go.Figure(go.Heatmap(z=z, x=[f"expert {e}" for e in range(len(z[0]))],
                                y=[f"layer {layer}" for layer in layers], colorscale="Viridis",
                                colorbar_title="share", hovertemplate="%{y}, %{x}: %{z:.2f}<extra></extra>"))
-    fig.update_layout(title=f"Expert choices (measured: {label})")
+    fig.update_layout(title=f"Expert choices — measured: {label}")
     return fig

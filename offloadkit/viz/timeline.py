@@ -3,7 +3,9 @@
 Horizontal ``go.Bar`` traces with ``base=`` (the start) and ``x=`` (the duration) on a linear
 millisecond axis, one row per lane (cpu, gpu, h2d, d2h, top to bottom), ``barmode="overlay"``, colored by
 task kind, with the task's name, layer, bytes and duration on hover. One trace per *kind*, not per
-task, so ten thousand bars stay one quick figure.
+task, so ten thousand bars stay one quick figure. The legend lies below the lanes, in rows, and the
+figure grows by a row for every :data:`LEGEND_PER_ROW` kinds, so every kind stays visible (a legend
+beside a short figure cuts off what does not fit).
 
 It refuses ``px.timeline`` (it forces a date axis onto what are seconds) and never drops the
 timeline's provenance: the title says "simulated on <profile>" or "measured on <machine>".
@@ -25,6 +27,15 @@ KIND_COLORS = {
 }
 
 
+LEGEND_PER_ROW = 5  # legend entries per row, at plotly's default width (700 px)
+LANE_PX, LEGEND_ROW_PX, FRAME_PX = 45, 24, 170  # a lane, a legend row, the title + axis + margins
+
+
+def figure_height(lanes: int, kinds: int) -> int:
+    """Pixels for ``lanes`` rows of bars and a legend of ``kinds`` entries below them (never clipped)."""
+    return FRAME_PX + LANE_PX * max(lanes, 1) + LEGEND_ROW_PX * -(-kinds // LEGEND_PER_ROW)
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -33,15 +44,21 @@ def _fmt_bytes(n: int) -> str:
 
 
 def timeline_figure(timeline: Timeline, *, step: int | None = None, title: str | None = None,
-                    height: int = 320) -> go.Figure:
-    """The lanes of ``timeline`` (only ``step`` if given: 0 is the prefill) as a plotly figure, times in ms."""
+                    height: int | None = None) -> go.Figure:
+    """The lanes of ``timeline`` (only ``step`` if given: 0 is the prefill) as a plotly figure, times in ms.
+
+    ``height`` defaults to :func:`figure_height`: room for every lane and every legend row.
+    """
     tl = timeline.select(step=step) if step is not None else timeline
     lanes = tl.lanes()
     by_kind: dict[str, list] = {}
     for r in tl.records:
         by_kind.setdefault(r.kind or r.lane, []).append(r)
+    known = list(KIND_COLORS)  # the legend in one fixed order, so figures of two plans read alike
+    kinds = sorted(by_kind, key=lambda k: (known.index(k) if k in known else len(known), k))
     fig = go.Figure()
-    for kind, recs in by_kind.items():
+    for kind in kinds:
+        recs = by_kind[kind]
         # numpy arrays: plotly validates them in one go instead of element by element
         custom = np.empty((len(recs), 4), dtype=object)
         custom[:] = [(r.name, "" if r.layer is None else r.layer, _fmt_bytes(r.bytes_), r.duration_s * 1e3)
@@ -57,9 +74,12 @@ def timeline_figure(timeline: Timeline, *, step: int | None = None, title: str |
     what = " · ".join(str(timeline.meta[k]) for k in ("model", "plan", "workload") if k in timeline.meta)
     where = "" if step is None else (" · prefill" if step == 0 else f" · decode step {step}")
     fig.update_layout(
-        title=title or f"{what}{where} — {timeline.label}", barmode="overlay", height=height,
-        xaxis_title=f"time (ms, {timeline.source})", legend_title="task kind", bargap=0.25,
+        title=title or f"{what}{where} — {timeline.label}", barmode="overlay",
+        height=height or figure_height(len(lanes), len(kinds)), bargap=0.25,
+        xaxis_title=f"time (ms, {timeline.source})",
         yaxis={"categoryorder": "array", "categoryarray": list(reversed(lanes)), "title": "lane"},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0, "title": {"text": "task kind"},
+                "traceorder": "normal", "entrywidth": 1 / LEGEND_PER_ROW - 0.01, "entrywidthmode": "fraction"},
     )
     return fig
 
@@ -71,4 +91,4 @@ def write_timeline_html(timeline: Timeline, path: str, *, offline: bool = True, 
     return path
 
 
-__all__ = ["KIND_COLORS", "timeline_figure", "write_timeline_html"]
+__all__ = ["KIND_COLORS", "figure_height", "timeline_figure", "write_timeline_html"]

@@ -1,6 +1,6 @@
 """CPU expert kernels: the SwiGLU expert over a row slice, for any number of tokens (the CC slices).
 
-In hybrid inference the CPU computes the CC rows ``[r0, r1)`` of every weight block (DESIGN.md
+In hybrid inference the CPU computes the CC rows ``[r0, r1)`` of every weight block (docs/DESIGN.md
 section 3). This module is the one entry point for that work:
 
     >>> ew = ExpertWeights.from_torch(w_gate, w_up, w_down)        # zero-copy views, bf16/f16/f32

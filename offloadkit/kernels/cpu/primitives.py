@@ -1,6 +1,6 @@
 """The building blocks of the CPU kernels: widening 16-bit weights in registers, and fused dot products.
 
-Weights stay in the dtype they are stored in (DESIGN.md section 10) and are widened to f32 one
+Weights stay in the dtype they are stored in (docs/DESIGN.md section 10) and are widened to f32 one
 element at a time, in registers, inside the loop that multiplies them. Numba has no bf16 or f16
 arrays on the CPU, so 16-bit weights travel as their bit patterns, with the *integer type telling
 the format apart*:
@@ -34,6 +34,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from offloadkit.errors import KernelInputError
+from offloadkit.kernels.cpu.threading_layer import require_threadsafe_layer
+
+#: The threading layer every parallel kernel runs on, chosen and started here, before any of them runs:
+#: never workqueue, which aborts when two threads enter it (see threading_layer.py).
+THREADING_LAYER = require_threadsafe_layer()
 
 #: Options shared by every CPU kernel: vectorize freely, release the GIL, cache the machine code.
 FAST = dict(fastmath=True, nogil=True, cache=True)

@@ -6,7 +6,9 @@ GPU is at hand, :class:`EmulatorBackend` compiles a kernel file with g++ after `
 mailbox) and runs the very launches :mod:`offloadkit.kernels.cuda.ops` builds, on CPU tensors. The
 tests compare the result with the kernels' CPU twins, so the indexing, the warp reductions, the
 odd-size tails and unaligned slices of every kernel are exercised on every machine with a C++
-compiler.
+compiler. Alignment is checked as a GPU checks it: a 16-byte load from an address off the 16-byte grid
+(which x86 reads without complaint) fails the launch with :class:`MisalignedLoadError`, naming the
+kernel, the address and the tensor argument it points into.
 
 It refuses to pass for a GPU: it is slow (every block starts ~128 threads), only for small shapes,
 says nothing about speed, and does not model what differs on a GPU (memory coalescing, caches,
@@ -43,15 +45,20 @@ def compiler() -> str | None:
 
 def emulation_source(file: str, source: str | None = None, name_expressions: Sequence[str] | None = None) -> str:
     """``kernels/<file>.cu`` (or ``source``) after the emulation header, with one C entry point per name
-    expression: ``emu_launch_<i>(grid x, y, z, block x, void** args)``."""
+    expression: ``int emu_launch_<i>(grid x, y, z, block x, void** args)``, non-zero after a misaligned
+    load (``emu_fault()`` then says which)."""
     shim = (source_dir() / "emulate.hpp").read_text()
     text = read_source(file) if source is None else source
     body = _CUDA_HEADERS.sub("// (CUDA header left out: emulate.hpp defines what is used)", text)
     names = KERNELS[file] if name_expressions is None else name_expressions
-    entries = [f'extern "C" void emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) {{\n'
-               f"    emu_run(dim3{{gx, gy, gz}}, dim3{{bx, 1, 1}}, [args] {{ emu_call(&{expr}, args); }});\n}}"
+    entries = [f'extern "C" int emu_launch_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) {{\n'
+               f"    return emu_run(dim3{{gx, gy, gz}}, dim3{{bx, 1, 1}}, [args] {{ emu_call(&{expr}, args); }});\n}}"
                for i, expr in enumerate(names)]
     return "\n".join((shim, body, *entries)) + "\n"
+
+
+class MisalignedLoadError(RuntimeError):
+    """A kernel read a vector from an address its alignment forbids: on a GPU, ``cudaErrorMisalignedAddress``."""
 
 
 class EmulatorBackend:
@@ -96,13 +103,35 @@ class EmulatorBackend:
         return self._libs[file]
 
     def run(self, launches: Sequence[Launch], stream=None) -> None:
+        """Run the launches in order; raise :class:`MisalignedLoadError` after one that read a vector
+        from a misaligned address (the launches after it are not run)."""
         for launch in launches:
-            entry = getattr(self.library(launch.file), f"emu_launch_{self.names(launch.file).index(launch.kernel)}")
+            lib = self.library(launch.file)
+            entry = getattr(lib, f"emu_launch_{self.names(launch.file).index(launch.kernel)}")
+            entry.restype = ctypes.c_int
             values = [_c_value(a) for a in launch.args]
             pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                        for v in values))
             grid = (*launch.grid, 1, 1)[:3]
-            entry(*(ctypes.c_uint(g) for g in grid), ctypes.c_uint(launch.block[0]), pointers)
+            if entry(*(ctypes.c_uint(g) for g in grid), ctypes.c_uint(launch.block[0]), pointers) != 0:
+                lib.emu_fault.restype = ctypes.c_char_p
+                fault = lib.emu_fault().decode()
+                raise MisalignedLoadError(f"{launch.file}.cu {launch.kernel}: {fault}{_which_argument(fault, launch)}; "
+                                          "a GPU stops this launch with 'misaligned address'")
+
+
+def _which_argument(fault: str, launch: Launch) -> str:
+    """`` — 4 bytes into argument 3 (a bfloat16 tensor [5, 67])`` for the tensor argument whose memory
+    holds the faulting address, or nothing when none does."""
+    match = re.search(r"address 0x([0-9a-f]+)", fault)
+    if match is None:
+        return ""
+    address = int(match.group(1), 16)
+    for i, a in enumerate(launch.args):
+        if isinstance(a, torch.Tensor) and a.data_ptr() <= address < a.data_ptr() + a.numel() * a.element_size():
+            return (f" — {address - a.data_ptr()} bytes into argument {i} (a {str(a.dtype).removeprefix('torch.')} "
+                    f"tensor {list(a.shape)} at 0x{a.data_ptr():x})")
+    return ""
 
 
 def _c_value(a) -> ctypes._SimpleCData:
@@ -120,4 +149,4 @@ def _c_value(a) -> ctypes._SimpleCData:
     raise TypeError(f"kernel arguments are tensors or sized numpy scalars, got {type(a).__name__}")
 
 
-__all__ = ["EmulatorBackend", "compiler", "emulation_source"]
+__all__ = ["EmulatorBackend", "MisalignedLoadError", "compiler", "emulation_source"]

@@ -1,6 +1,6 @@
 """The CuPy loader: compiles ``kernels/*.cu`` with ``cupy.RawModule`` and launches them on torch tensors.
 
-The GPU lane's kernels are raw CUDA C (DESIGN.md section 9: ``CudaDevice`` launches them on torch's
+The GPU lane's kernels are raw CUDA C (docs/DESIGN.md section 9: ``CudaDevice`` launches them on torch's
 streams). This module
 
 - finds the sources inside the installed package (:mod:`offloadkit.kernels.cuda.nvrtc`, which also holds
@@ -10,7 +10,9 @@ streams). This module
   disk, keyed by the source text);
 - launches a :class:`Launch` on a given torch CUDA stream (the current one by default), passing torch
   tensors as zero-copy CuPy views through ``__cuda_array_interface__`` (bf16, which that interface
-  cannot name, as an int16 view of the same memory: the kernel only sees the pointer).
+  cannot name, as an int16 view of the same memory: the kernel only sees the pointer), and records
+  each tensor's use on that stream (``Tensor.record_stream``) so torch's caching allocator does not
+  hand its memory to other work before the kernels are done.
 
 What it refuses: CUDA where there is none (:class:`~offloadkit.errors.CudaUnavailableError`, saying
 which CuPy to install), and copies: it never moves, converts or makes contiguous a tensor (the
@@ -125,6 +127,13 @@ class CupyBackend:
         device = next(a.device for a in launches[0].args if isinstance(a, torch.Tensor))
         if stream is None:
             stream = torch.cuda.current_stream(device)
+        # A tensor allocated on another stream and dropped by its owner before these kernels finish
+        # must not be handed out again meanwhile: record the launch stream's use of every tensor
+        # (a no-op for a tensor allocated on that stream; see ops.py on streams).
+        for launch in launches:
+            for a in launch.args:
+                if isinstance(a, torch.Tensor) and a.is_cuda:
+                    a.record_stream(stream)
         with cupy.cuda.Device(device.index if device.index is not None else 0), \
                 cupy.cuda.ExternalStream(stream.cuda_stream):
             for launch in launches:

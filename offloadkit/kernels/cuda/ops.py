@@ -6,6 +6,14 @@ Each function here has a CPU twin of the same name and signature in :mod:`offloa
 caching allocator), builds the list of :class:`~offloadkit.kernels.cuda.loader.Launch` es and hands it to a
 backend: CuPy on a CUDA stream by default (``stream=None``: torch's current stream).
 
+Streams: every buffer a wrapper allocates (output or scratch) is allocated on the *launch* stream
+(:func:`on_stream`). Torch's caching allocator hands a freed block straight to the next allocation
+on the stream it was allocated on, without waiting for other streams; a scratch buffer allocated on
+the current stream, dropped when the wrapper returns while side-stream kernels still read it, could
+be handed to other work under their feet. Allocated on the launch stream, it is reused only by work
+queued behind them (and a zero-fill, itself a kernel, runs before them). Tensors the caller passes in
+are recorded on the launch stream by the CuPy backend (``Tensor.record_stream``), for the same reason.
+
 Not everything is a raw kernel, and it says so:
 - the prefill expert (more than ``MAX_DECODE_TOKENS`` tokens) is three GEMMs, run by cuBLAS through
   torch (:func:`offloadkit.model.moe.swiglu` on CUDA tensors), not by ``expert_swiglu.cu``;
@@ -37,6 +45,12 @@ def _ctype(dtype: torch.dtype) -> str:
     return CUDA_TYPES[str(dtype).removeprefix("torch.")]
 
 
+def on_stream(stream):
+    """A context in which allocations (and zero-fills) are queued on ``stream``; a no-op for ``None``
+    (the current stream, where the backend launches then) and where torch has no CUDA (the emulator)."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
 def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   out: torch.Tensor, rows: tuple[int, int] | None = None, *, stream=None,
                   backend=DEFAULT_BACKEND) -> torch.Tensor:
@@ -47,10 +61,11 @@ def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if n == 0 or s == 0:
         return out
     if n > MAX_DECODE_TOKENS:  # prefill: cuBLAS through torch, on the same stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with on_stream(stream):
             out += swiglu(x, w_gate, w_up, w_down, rows=(r0, r1))
         return out
-    act = torch.empty(n, s, dtype=torch.float32, device=x.device)
+    with on_stream(stream):  # the scratch between the two kernels: freed on return, reused only behind them
+        act = torch.empty(n, s, dtype=torch.float32, device=x.device)
     t = _ctype(w_gate.dtype)
     block = (32 * WARPS_PER_BLOCK,)
     launches = [
@@ -66,7 +81,8 @@ def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
 
 def _norm_launch(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  eps: float, out: torch.Tensor | None, stream, backend) -> torch.Tensor:
-    out = twins._norm_out(x, weight, out, backend.device_type)
+    with on_stream(stream):
+        out = twins._norm_out(x, weight, out, backend.device_type)
     if bias is not None:
         check_tensor("bias", bias, dtypes=(weight.dtype,), ndim=1, device_type=backend.device_type)
         twins.check_shape("bias", bias, (x.shape[1],))
@@ -108,9 +124,10 @@ def router_topk(logits: torch.Tensor, top_k: int, *, normalize: bool = True, mod
     """Router logits -> (weights, experts, shared gate or None); see :func:`twins.router_topk`."""
     n_experts = twins.check_router(logits, top_k, mode, shared_gate, backend.device_type)
     n = logits.shape[0]
-    weights = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
-    experts = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
-    shared = torch.empty(n, 1, dtype=torch.float32, device=logits.device) if shared_gate else None
+    with on_stream(stream):
+        weights = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
+        experts = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
+        shared = torch.empty(n, 1, dtype=torch.float32, device=logits.device) if shared_gate else None
     if n:
         backend.run([Launch("router_topk", "router_topk", (ceil_div(n, WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,),
                             (logits, i32(n), i32(n_experts), i32(shared_gate), i32(top_k),
@@ -132,10 +149,12 @@ def moe_permute(x: torch.Tensor, experts: torch.Tensor, n_experts: int, *, strea
     twins.check_shape("experts", experts, (x.shape[0], None))
     n, k = experts.shape
     m, hidden = n * k, x.shape[1]
-    x_perm = torch.empty(m, hidden, dtype=torch.float32, device=x.device)
-    src = torch.empty(m, dtype=torch.int32, device=x.device)
-    dst = torch.empty(m, dtype=torch.int32, device=x.device)
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=x.device)
+    with on_stream(stream):
+        x_perm = torch.empty(m, hidden, dtype=torch.float32, device=x.device)
+        src = torch.empty(m, dtype=torch.int32, device=x.device)
+        dst = torch.empty(m, dtype=torch.int32, device=x.device)
+        # moe_route_index writes every entry when there are picks; with none, the offsets are all 0.
+        offsets = (torch.empty if m else torch.zeros)(n_experts + 1, dtype=torch.int32, device=x.device)
     if m:
         backend.run([
             Launch("moe_permute", "moe_route_index", (n_experts,), (256,),
@@ -167,7 +186,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence over the KV cache (GQA) -> [B, H, D] f32; see :func:`twins.attention_decode`."""
     twins.check_attention(q, k_cache, v_cache, length, window, backend.device_type)
     b, heads, dim = q.shape
-    out = torch.empty_like(q)
+    with on_stream(stream):
+        out = torch.empty_like(q)
     if b and heads:
         backend.run([Launch("attention_decode", f"attention_decode<{_ctype(k_cache.dtype)}>", (heads, b), (128,),
                             (q, k_cache, v_cache, out, i32(heads), i32(k_cache.shape[1]), i32(k_cache.shape[2]),
@@ -176,4 +196,4 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 __all__ = ["MAX_DECODE_TOKENS", "WEIGHT_DTYPES", "attention_decode", "expert_swiglu", "layer_norm", "moe_permute",
-           "moe_unpermute", "rms_norm", "rope", "router_topk"]
+           "moe_unpermute", "on_stream", "rms_norm", "rope", "router_topk"]

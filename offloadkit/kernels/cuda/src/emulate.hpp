@@ -10,11 +10,23 @@
 // What it is not: CUDA. Only the intrinsics offloadkit's kernels use exist; warps run in lockstep
 // only at shuffles, ballots and barriers; a shuffle a lane skips deadlocks here (and is a bug on a GPU
 // too). Thousands of threads on a few cores: small shapes only. Timings mean nothing.
+//
+// One thing a GPU enforces and x86 forgives is checked: alignment. A 16-byte load (uint4, float4)
+// from an address that is not a multiple of 16 faults on a GPU ("misaligned address") and simply
+// works on a CPU, so a kernel reading a slice off the 16-byte grid would pass here and crash there.
+// Every load through __ldg / __ldcs checks its pointer against the type's alignment (16 for the
+// vector types, declared alignas(16) as in CUDA's vector_types.h); the first offence of a launch is
+// kept (address, block, thread) and the launch returns 1; emulate.py raises, naming the kernel and the
+// argument the address points into.
+// Vector loads must therefore go through these intrinsics (tests/test_emulate_alignment.py checks the
+// sources for a plain dereference of a vector pointer).
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -54,15 +66,36 @@ inline float __bfloat162float(__nv_bfloat16 b) {
     return f;
 }
 
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-inline uint4 __ldcs(const uint4* p) { return *p; }
+
+// ---- alignment of loads ------------------------------------------------------------------------------
+
+// The first misaligned load of the running launch (set once, by whichever thread gets there first).
+static std::atomic<bool> emu_misaligned{false};
+static char emu_fault_text[256];
+
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T emu_load(const T* p, const char* how) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    if (address % alignof(T) != 0 && !emu_misaligned.exchange(true))
+        std::snprintf(emu_fault_text, sizeof emu_fault_text,
+                      "misaligned %zu-byte load %s from address 0x%llx (%llu bytes past a %zu-byte boundary) "
+                      "in block (%u, %u, %u), thread %u",
+                      sizeof(T), how, (unsigned long long)address, (unsigned long long)(address % alignof(T)),
+                      alignof(T), blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
+    T v;  // the read itself, aligned or not, as the CPU allows: the launch runs on and reports afterwards
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+}
+inline uint4 __ldcs(const uint4* p) { return emu_load(p, "__ldcs(const uint4*)"); }
+inline float4 __ldg(const float4* p) { return emu_load(p, "__ldg(const float4*)"); }
+template <typename T>
+inline T __ldg(const T* p) { return emu_load(p, "__ldg"); }
 inline float __int_as_float(unsigned i) {
     float f;
     std::memcpy(&f, &i, 4);
@@ -111,8 +144,10 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
 
 // Runs body() as every thread of every block of the grid (blockDim.x a multiple of 32). The block's
 // threads are started once per launch and walk the blocks together, a barrier between two blocks.
+// Returns 0, or 1 after a misaligned load (emu_fault_text says which).
 template <typename F>
-void emu_run(dim3 grid, dim3 block, F body) {
+int emu_run(dim3 grid, dim3 block, F body) {
+    emu_misaligned = false;
     blockDim = block;
     gridDim = grid;
     const unsigned n = block.x;
@@ -133,7 +168,10 @@ void emu_run(dim3 grid, dim3 block, F body) {
                     }
         });
     for (auto& th : threads) th.join();
+    return emu_misaligned ? 1 : 0;
 }
+
+extern "C" const char* emu_fault() { return emu_fault_text; }
 
 // Calls kernel k with its arguments unpacked from args[i], each a pointer to the i-th argument's
 // value: the convention of cuLaunchKernel's kernelParams.

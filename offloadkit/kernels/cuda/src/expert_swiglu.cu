@@ -6,7 +6,7 @@
 //
 // x [n, H] f32, n <= MAX_TOKENS; W1 = w_gate, W3 = w_up [I, H]; W2 = w_down [H, I] (the Hugging Face
 // layouts), stored bf16, f16 or f32 and widened in registers; every sum is f32. The slice's partial is
-// *added* to out (DESIGN.md section 3): the GG and CG slices of one expert run one after the other into
+// *added* to out (docs/DESIGN.md section 3): the GG and CG slices of one expert run one after the other into
 // the same buffer, and the CPU's CC partial is added last. The CPU twin is
 // offloadkit.kernels.cuda.twins.expert_swiglu; more than MAX_TOKENS tokens (prefill) go to cuBLAS through
 // torch instead (offloadkit.kernels.cuda.ops.expert_swiglu says where).

@@ -1,50 +1,38 @@
-"""Writes notebooks/03_cuda_kernels.ipynb (without outputs) from the cells below.
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-The notebook is generated so that its code stays reviewable as plain Python; edit here, then run
-``.venv/bin/python notebooks/src/make_03_cuda_kernels.py``. It refuses nothing: it only writes.
-"""
+# %% [markdown]
+# # 03 · CUDA kernels for the GPU lane
+#
+# The GPU lane computes attention, norms, the router and the GG and CG slices of every weight block
+# (docs/DESIGN.md, sections 3 and 9). offloadkit writes those kernels in raw CUDA C (`kernels/*.cu`, shipped
+# inside the package), loads them with CuPy and launches them on torch's CUDA streams. This chapter
+# writes the most important one, the **decode expert**, step by step, and shows how every kernel is
+# proven on machines that have no GPU:
+#
+# 1. **NVRTC compiles** every kernel for compute capabilities 8.0, 8.6, 8.9 and 9.0 on every test run,
+#    with the options CuPy would use; it needs no driver and no GPU.
+# 2. **A CPU twin** (`offloadkit.kernels.cuda.twins`) is each kernel's specification in plain torch, built on
+#    the reference forward's own math.
+# 3. **A CPU emulation** (`offloadkit.kernels.cuda.emulate`) runs the very CUDA source, one OS thread per
+#    CUDA thread, and is compared with the twin.
+# 4. Where a GPU exists, the **GPU tests** compare the real kernels with their twins.
+#
+# > offloadkit is a reimplementation from the ScheInfer paper's published description; these kernels,
+# > the cost model and the algorithms are offloadkit's own.
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import nbformat
-
-OUT = Path(__file__).resolve().parent.parent / "03_cuda_kernels.ipynb"
-
-CELLS: list[tuple[str, str]] = []
-
-
-def md(text: str) -> None:
-    CELLS.append(("markdown", text.strip()))
-
-
-def code(text: str) -> None:
-    CELLS.append(("code", text.strip()))
-
-
-md(r"""
-# 03 · CUDA kernels for the GPU lane
-
-The GPU lane computes attention, norms, the router and the GG and CG slices of every weight block
-(DESIGN.md, sections 3 and 9). offloadkit writes those kernels in raw CUDA C (`kernels/*.cu`, shipped
-inside the package), loads them with CuPy and launches them on torch's CUDA streams. This chapter
-writes the most important one, the **decode expert**, step by step, and shows how every kernel is
-proven on machines that have no GPU:
-
-1. **NVRTC compiles** every kernel for compute capabilities 8.0, 8.6, 8.9 and 9.0 on every test run,
-   with the options CuPy would use; it needs no driver and no GPU.
-2. **A CPU twin** (`offloadkit.kernels.cuda.twins`) is each kernel's specification in plain torch, built on
-   the reference forward's own math.
-3. **A CPU emulation** (`offloadkit.kernels.cuda.emulate`) runs the very CUDA source, one OS thread per
-   CUDA thread, and is compared with the twin.
-4. Where a GPU exists, the **GPU tests** compare the real kernels with their twins.
-
-> offloadkit is a reimplementation from the ScheInfer paper's published description; these kernels,
-> the cost model and the algorithms are offloadkit's own.
-""")
-
-code(r"""
+# %%
 import collections
 import re
 import time
@@ -64,20 +52,18 @@ DEV = "cuda" if GPU else "cpu"
 print(f"NVRTC {nvrtc.nvrtc_version()}; kernels: {', '.join(nvrtc.kernel_names())}")
 print("GPU:", "yes, the kernels run on it" if GPU else f"no ({why.split(':')[0]})")
 print("CPU emulation:", "g++ found" if compiler() else "no g++, only the twins run")
-""")
 
-md(r"""
-## 1. The contract: a slice of an expert, added into a buffer
+# %% [markdown]
+# ## 1. The contract: a slice of an expert, added into a buffer
+#
+# A SwiGLU expert is $y = W_2\,(\mathrm{silu}(W_1 x) \odot W_3 x)$ with $W_1, W_3 \in \mathbb{R}^{I\times H}$ and
+# $W_2 \in \mathbb{R}^{H \times I}$. Split the intermediate rows $[0, I)$ into GG, CG and CC slices: each
+# slice computes a partial output, and the partials **add up** to $y$. So the GPU kernel takes a row
+# slice $[r_0, r_1)$ and *adds* its partial into an output buffer; the CPU's CC partial is added last.
+#
+# The twin states that contract in four lines of torch on top of `offloadkit.model.moe.swiglu`:
 
-A SwiGLU expert is $y = W_2\,(\mathrm{silu}(W_1 x) \odot W_3 x)$ with $W_1, W_3 \in \mathbb{R}^{I\times H}$ and
-$W_2 \in \mathbb{R}^{H \times I}$. Split the intermediate rows $[0, I)$ into GG, CG and CC slices: each
-slice computes a partial output, and the partials **add up** to $y$. So the GPU kernel takes a row
-slice $[r_0, r_1)$ and *adds* its partial into an output buffer; the CPU's CC partial is added last.
-
-The twin states that contract in four lines of torch on top of `offloadkit.model.moe.swiglu`:
-""")
-
-code(r"""
+# %%
 H, inter, n = 256, 200, 3
 w_gate = (torch.randn(inter, H) / H**0.5).bfloat16()
 w_up = (torch.randn(inter, H) / H**0.5).bfloat16()
@@ -88,23 +74,21 @@ out = torch.zeros(n, H)
 for rows in [(0, 64), (64, 131), (131, inter)]:          # GG, CG, CC: the boundaries need not be round
     twins.expert_swiglu(x, w_gate, w_up, w_down, out, rows)
 print("max |sum of the slices - the whole expert| =", (out - swiglu(x, w_gate, w_up, w_down)).abs().max().item())
-""")
 
-md(r"""
-## 2. Version 1: naive
+# %% [markdown]
+# ## 2. Version 1: naive
+#
+# The first kernel anyone writes: one thread per (intermediate row $i$, token $t$), each looping over
+# the hidden dimension. It computes the right thing, but
+#
+# - the 32 threads of a warp read 32 *different rows* at each step, $2H$ bytes apart: every warp-wide
+#   load touches 32 memory sectors to use 2 bytes of each (**uncoalesced**);
+# - each token's thread re-reads the whole weight row: $n$ tokens cost $n$ times the weight traffic,
+#   and decode is memory bound.
+#
+# We compile it with NVRTC, exactly as the test suite does (no GPU involved):
 
-The first kernel anyone writes: one thread per (intermediate row $i$, token $t$), each looping over
-the hidden dimension. It computes the right thing, but
-
-- the 32 threads of a warp read 32 *different rows* at each step, $2H$ bytes apart: every warp-wide
-  load touches 32 memory sectors to use 2 bytes of each (**uncoalesced**);
-- each token's thread re-reads the whole weight row: $n$ tokens cost $n$ times the weight traffic,
-  and decode is memory bound.
-
-We compile it with NVRTC, exactly as the test suite does (no GPU involved):
-""")
-
-code(r'''
+# %%
 V1 = r"""
 #include <cuda_bf16.h>
 template <typename T>
@@ -124,19 +108,17 @@ __global__ void gate_up_v1(const float* x, int n, int hidden, const T* w_gate, c
 """
 v1 = nvrtc.compile_source(V1, "gate_up_v1.cu", ("gate_up_v1<__nv_bfloat16>",), arch="8.9", target="ptx")
 print(f"compiled for sm_89 in {v1.seconds:.2f} s: {len(v1.ptx):,} bytes of PTX, entry {v1.lowered['gate_up_v1<__nv_bfloat16>']}")
-''')
 
-md(r"""
-## 3. Version 2: coalesced, one warp per row, weights read once for all tokens
+# %% [markdown]
+# ## 3. Version 2: coalesced, one warp per row, weights read once for all tokens
+#
+# Give each intermediate row to a **warp**: lane $l$ reads elements $l, l+32, \dots$, so one warp-wide
+# load reads 64 contiguous bytes. Each weight element, once in a register, is used for **all** $n$
+# tokens, so the weight traffic no longer grows with $n$. The 32 lanes' partial sums are then combined
+# with 5 **warp shuffles** (`__shfl_xor_sync`, a butterfly: registers move between lanes, no shared
+# memory).
 
-Give each intermediate row to a **warp**: lane $l$ reads elements $l, l+32, \dots$, so one warp-wide
-load reads 64 contiguous bytes. Each weight element, once in a register, is used for **all** $n$
-tokens, so the weight traffic no longer grows with $n$. The 32 lanes' partial sums are then combined
-with 5 **warp shuffles** (`__shfl_xor_sync`, a butterfly: registers move between lanes, no shared
-memory).
-""")
-
-code(r'''
+# %%
 V2 = r"""
 #include <cuda_bf16.h>
 #define MAX_TOKENS 8
@@ -165,30 +147,26 @@ __global__ void gate_up_v2(const float* x, int n, int hidden, const T* w_gate, c
 """
 v2 = nvrtc.compile_source(V2, "gate_up_v2.cu", ("gate_up_v2<__nv_bfloat16>",), arch="8.9", target="ptx")
 print(f"compiled in {v2.seconds:.2f} s: {len(v2.ptx):,} bytes of PTX")
-''')
 
-md(r"""
-## 4. Version 3: 128-bit loads, the kernel that ships
+# %% [markdown]
+# ## 4. Version 3: 128-bit loads, the kernel that ships
+#
+# Still one warp per row, but each lane now loads **16 bytes at once** (8 bf16 weights, one
+# `ld.global.cs.v4` instruction; `.cs` tells the caches the weights are streamed, used once). A row may
+# start anywhere relative to the 16-byte grid (odd $H$, slices starting at odd rows), so the few
+# elements before the first aligned one, and after the last full pack, are read one by one. This is
+# `warp_dot` in `kernels/expert_swiglu.cu`, shared by the gate/up kernel and the down kernel:
 
-Still one warp per row, but each lane now loads **16 bytes at once** (8 bf16 weights, one
-`ld.global.cs.v4` instruction; `.cs` tells the caches the weights are streamed, used once). A row may
-start anywhere relative to the 16-byte grid (odd $H$, slices starting at odd rows), so the few
-elements before the first aligned one, and after the last full pack, are read one by one. This is
-`warp_dot` in `kernels/expert_swiglu.cu`, shared by the gate/up kernel and the down kernel:
-""")
-
-code(r"""
+# %%
 src = nvrtc.read_source("expert_swiglu")
 start = src.index("template <typename T>\n__device__ __forceinline__ void warp_dot")
 print(src[start:src.index("// w_gate, w_up point at row r0")])
-""")
 
-md(r"""
-What the three versions ask of the memory system shows in their PTX: the global loads of the
-shipped kernel are 128-bit vectors, the warp sums are `shfl.sync.bfly` instructions.
-""")
+# %% [markdown]
+# What the three versions ask of the memory system shows in their PTX: the global loads of the
+# shipped kernel are 128-bit vectors, the warp sums are `shfl.sync.bfly` instructions.
 
-code(r"""
+# %%
 v3 = nvrtc.compile_source(src, "expert_swiglu.cu", ("expert_gate_up<__nv_bfloat16>",), arch="8.9", target="ptx")
 for name, result in [("v1 naive", v1), ("v2 coalesced", v2), ("v3 vectorized", v3)]:
     loads = collections.Counter(re.findall(r"ld\.global(?:\.\w+)*", result.ptx))
@@ -197,17 +175,15 @@ for name, result in [("v1 naive", v1), ("v2 coalesced", v2), ("v3 vectorized", v
 lines = v3.ptx.splitlines()
 at = next(i for i, line in enumerate(lines) if "ld.global.cs.v4" in line)
 print("\n".join(lines[at - 2:at + 6]))
-""")
 
-md(r"""
-## 5. Does each version compute the right thing?
+# %% [markdown]
+# ## 5. Does each version compute the right thing?
+#
+# On a GPU the three kernels run for real. Without one, the CPU emulation compiles the same CUDA source
+# with g++ (a few CUDA intrinsics in C++: barriers, shuffles through a mailbox) and runs it one OS
+# thread per CUDA thread. Either way the result is compared with the twin's $\mathrm{silu}(W_1x)\odot W_3x$.
 
-On a GPU the three kernels run for real. Without one, the CPU emulation compiles the same CUDA source
-with g++ (a few CUDA intrinsics in C++: barriers, shuffles through a mailbox) and runs it one OS
-thread per CUDA thread. Either way the result is compared with the twin's $\mathrm{silu}(W_1x)\odot W_3x$.
-""")
-
-code(r"""
+# %%
 expected_act = F.silu(x @ w_gate.float().T) * (x @ w_up.float().T)
 
 def run_draft(name, source, grid, block):
@@ -239,18 +215,16 @@ if GPU or EMU:
     print(f"shipped expert_swiglu, slice [64, 131), {where}: max error vs twin {(got.cpu() - want).abs().max().item():.1e}")
 else:
     print("no GPU and no g++: only the twins run here (section 1)")
-""")
 
-md(r"""
-## 6. The roofline the kernel should reach
+# %% [markdown]
+# ## 6. The roofline the kernel should reach
+#
+# Napkin math from the header of `kernels/expert_swiglu.cu`, for an RTX 4090 (1008 GB/s of GDDR6X,
+# 82.6 TFLOP/s of f32 FMA) and one Mixtral-8x7B expert in bf16. These figures are **computed**, not
+# measured: `benchmarks/cuda_kernels.py` measures the kernel on a real GPU against the device's own
+# copy bandwidth.
 
-Napkin math from the header of `kernels/expert_swiglu.cu`, for an RTX 4090 (1008 GB/s of GDDR6X,
-82.6 TFLOP/s of f32 FMA) and one Mixtral-8x7B expert in bf16. These figures are **computed**, not
-measured: `benchmarks/cuda_kernels.py` measures the kernel on a real GPU against the device's own
-copy bandwidth.
-""")
-
-code(r"""
+# %%
 BW, FLOPS = 1008e9, 82.6e12
 params = 3 * 4096 * 14336
 print(f"expert: {params / 1e6:.0f} M weights = {2 * params / 1e6:.0f} MB in bf16")
@@ -259,47 +233,41 @@ for tokens in range(1, 9):
     t_mem, t_flop = 2 * params / BW * 1e3, 2 * tokens * params / FLOPS * 1e3
     print(f"{tokens:>6} {t_mem:>10.3f} {t_flop:>11.4f} {tokens:>10}  {'memory' if t_mem > t_flop else 'compute'}")
 print(f"the ridge: {FLOPS / BW:.0f} FLOP/byte -> memory bound until ~{FLOPS / BW:.0f} tokens; cuBLAS takes over past 8")
-""")
 
-md(r"""
-## 7. The compile check: every kernel, as CuPy would compile it
+# %% [markdown]
+# ## 7. The compile check: every kernel, as CuPy would compile it
+#
+# The loader hands `cupy.RawModule` the source (with `common.cuh` pasted in), `nvrtc.NVRTC_OPTIONS` plus the
+# CUDA include path, and every kernel's *name expression* (templates instantiated per weight dtype).
+# CuPy appends a few options of its own and compiles to a cubin for the GPU it runs on. The test suite
+# (`tests/test_cuda_compile.py`) does exactly that with NVRTC for sm_80, sm_86, sm_89 and sm_90 on every
+# run, and fails with NVRTC's log on any error *or warning*. Here, sm_89 only:
 
-The loader hands `cupy.RawModule` the source (with `common.cuh` pasted in), `nvrtc.NVRTC_OPTIONS` plus the
-CUDA include path, and every kernel's *name expression* (templates instantiated per weight dtype).
-CuPy appends a few options of its own and compiles to a cubin for the GPU it runs on. The test suite
-(`tests/test_cuda_compile.py`) does exactly that with NVRTC for sm_80, sm_86, sm_89 and sm_90 on every
-run, and fails with NVRTC's log on any error *or warning*. Here, sm_89 only:
-""")
-
-code(r"""
+# %%
 print("options:", nvrtc.compile_options() + nvrtc.CUPY_APPENDED_OPTIONS + (nvrtc.arch_flag("8.9"),))
 for name in nvrtc.kernel_names():
     r = nvrtc.compile_kernel(name, "8.9")
     print(f"  {name:<18} {len(nvrtc.KERNELS[name])} kernels  cubin {len(r.image):>8,} B  {r.seconds:.2f} s")
-""")
 
-md(r"""
-The check can fail, and when it does it shows NVRTC's own message, pointing at the real file and line:
-""")
+# %% [markdown]
+# The check can fail, and when it does it shows NVRTC's own message, pointing at the real file and line:
 
-code(r"""
+# %%
 broken = nvrtc.read_source("rope").replace("xr[i] = x1 * c[i] - x2 * s[i];", "xr[i] = x1 * c[i] - x2 * sinus[i];")
 try:
     nvrtc.compile_source(broken, "rope.cu", ("rope",), arch="8.0", target="cubin")
 except nvrtc.KernelCompileError as e:
     print(e)
-""")
 
-md(r"""
-## 8. The rest of the GPU lane, against the twins
+# %% [markdown]
+# ## 8. The rest of the GPU lane, against the twins
+#
+# One MoE layer's GPU path on 5 tokens, kernel by kernel: RMSNorm, the router (softmax → top-2 →
+# renormalise), grouping tokens by expert, the experts, scattering their weighted outputs back, and
+# one decode step of attention over a cache. Each result is compared with its twin. (The router GEMM
+# and the prefill experts run on cuBLAS through torch: they are matrix products, not custom kernels.)
 
-One MoE layer's GPU path on 5 tokens, kernel by kernel: RMSNorm, the router (softmax → top-2 →
-renormalise), grouping tokens by expert, the experts, scattering their weighted outputs back, and
-one decode step of attention over a cache. Each result is compared with its twin. (The router GEMM
-and the prefill experts run on cuBLAS through torch: they are matrix products, not custom kernels.)
-""")
-
-code(r"""
+# %%
 CHECKS = [
     "expert_swiglu: bf16/f16/f32 weights, 1-8 tokens, a whole Mixtral expert and slices off the 16-byte grid, NaN outside the slice",
     "rmsnorm / layernorm: 1-300 rows, H = 67 .. 5120, in place",
@@ -341,33 +309,15 @@ print("router picks equal:", torch.equal(experts.cpu(), t_e))
 if not GPU:
     print("\nOn a GPU, tests/test_cuda_kernels.py runs each kernel against its twin:")
     print("\n".join("  - " + c for c in CHECKS))
-""")
 
-md(r"""
-## What to take away
-
-- A kernel file in `kernels/` opens with what it computes, its launch shape and its roofline; its twin
-  in `offloadkit/kernels/cuda/twins.py` is the specification, written on top of the reference forward.
-- *Coalescing* (a warp reads contiguous bytes), *reuse* (each weight read once for all tokens),
-  *vector loads* (16 bytes per instruction) and *warp shuffles* (reductions without shared memory)
-  are the four ideas that take the decode expert to the memory roofline.
-- Without a GPU, NVRTC still compiles the kernels exactly as CuPy would, and the emulation still runs
-  them; with one, `pytest tests/test_cuda_kernels.py` and `python benchmarks/cuda_kernels.py` check
-  correctness and speed.
-""")
-
-
-def build() -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                   "language_info": {"name": "python"}}
-    nb.cells = [nbformat.v4.new_markdown_cell(s) if kind == "markdown" else nbformat.v4.new_code_cell(s)
-                for kind, s in CELLS]
-    for i, cell in enumerate(nb.cells):
-        cell.id = str(i)  # what nbstripout writes, so `nbstripout --verify` passes
-    return nb
-
-
-if __name__ == "__main__":
-    nbformat.write(build(), OUT)
-    print(f"wrote {OUT}")
+# %% [markdown]
+# ## What to take away
+#
+# - A kernel file in `kernels/` opens with what it computes, its launch shape and its roofline; its twin
+#   in `offloadkit/kernels/cuda/twins.py` is the specification, written on top of the reference forward.
+# - *Coalescing* (a warp reads contiguous bytes), *reuse* (each weight read once for all tokens),
+#   *vector loads* (16 bytes per instruction) and *warp shuffles* (reductions without shared memory)
+#   are the four ideas that take the decode expert to the memory roofline.
+# - Without a GPU, NVRTC still compiles the kernels exactly as CuPy would, and the emulation still runs
+#   them; with one, `pytest tests/test_cuda_kernels.py` and `python benchmarks/cuda_kernels.py` check
+#   correctness and speed.
