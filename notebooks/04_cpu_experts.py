@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from offloadkit.bench.kernels import time_call
+from offloadkit.bench.kernels import time_call, torch_swiglu, torch_views
 from offloadkit.course import cpu_steps
 from offloadkit.kernels.cpu.experts import DECODE_MAX_TOKENS, ExpertWeights, expert_rows
 from offloadkit.kernels.cpu.primitives import to_float32
@@ -124,18 +124,13 @@ print("CC + CG slices vs the whole expert (relative):", float(np.abs(parts - ful
 
 
 # %%
-def torch_expert(x, w):
-    F = torch.nn.functional
-    return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
-
+# torch's own SwiGLU (F.linear x 3 + SiLU) in the weights' dtype, as `offloadkit bench kernels` runs it
 cases = {}
 for dtype, ew in experts.items():
-    tw = [torch.from_numpy(a) for a in (ew.w_gate, ew.w_up, ew.w_down)]
-    if dtype == "bfloat16":
-        tw = [t.view(torch.int16).view(torch.bfloat16) for t in tw]
+    tw = torch_views([ew.w_gate, ew.w_up, ew.w_down], dtype)
     xt = torch.from_numpy(tokens[:1]).to(tw[0].dtype)
     cases[(dtype, "offloadkit")] = lambda e=ew: expert_rows(tokens[:1], e)
-    cases[(dtype, "torch")] = lambda x=xt, w=tw: torch_expert(x, w)
+    cases[(dtype, "torch")] = lambda x=xt, w=tw: torch_swiglu(x, w)
 
 # Three rounds, the read sampled before the kernels in every round: a burst of load from a neighbour
 # slows both sides of a ratio alike. Each figure is the best of its rounds.
@@ -168,8 +163,9 @@ for n in (1, 2, 4, 8, 16, 32, 64, 128, 512):
         s = min(time_call(lambda x=xs, p=path: expert_rows(x, ew, path=p), 0.03) for _ in range(2))
         points.append({"n": n, "path": path, "gflops": flops_per_token * n / s / 1e9})
 xs = torch.from_numpy(rng.standard_normal((512, H), dtype=np.float32))
-tf = [torch.from_numpy(a) for a in (experts["float32"].w_gate, experts["float32"].w_up, experts["float32"].w_down)]
-gemm_s = min(time_call(lambda: torch_expert(xs, tf), 0.1) for _ in range(2))
+f32 = experts["float32"]
+tf = torch_views([f32.w_gate, f32.w_up, f32.w_down], "float32")
+gemm_s = min(time_call(lambda: torch_swiglu(xs, tf), 0.1) for _ in range(2))
 peak = flops_per_token * 512 / gemm_s / 1e9
 read = measure_read()
 print(f"torch f32 GEMM, 512 tokens: {peak:.0f} GFLOP/s (measured)")

@@ -91,12 +91,14 @@ def _weights(shape: Shape, seed: int = 0) -> dict[str, list[np.ndarray]]:
     return {"float32": f32, "bfloat16": bf16}
 
 
-def _torch_views(arrays: list[np.ndarray], dtype: str) -> list[torch.Tensor]:
+def torch_views(arrays: list[np.ndarray], dtype: str) -> list[torch.Tensor]:
+    """Zero-copy torch views of weight arrays in kernel storage (bf16 bits as ``torch.bfloat16``)."""
     ts = [torch.from_numpy(a) for a in arrays]
     return ts if dtype == "float32" else [t.view(torch.int16).view(torch.bfloat16) for t in ts]
 
 
-def _torch_swiglu(x: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
+def torch_swiglu(x: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
+    """torch's SwiGLU expert (``F.linear`` x 3 + SiLU) in the weights' dtype: what the kernels are held against."""
     with torch.no_grad():
         return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
 
@@ -114,12 +116,12 @@ def bench_shape(shape: Shape, rounds: int = 3, decode_tokens: Sequence[int] = DE
     cases: dict[tuple, Callable[[], object]] = {}
     for dtype, arrays in weights.items():
         ew = ExpertWeights.from_torch(*arrays)
-        tw = _torch_views(arrays, dtype)
+        tw = torch_views(arrays, dtype)
         for n in decode_tokens:
             x = rng.standard_normal((n, shape.hidden), dtype=np.float32)
             xt = torch.from_numpy(x).to(tw[0].dtype)
             cases[("decode", dtype, n)] = lambda x=x, ew=ew: expert_rows(x, ew, path="decode")
-            cases[("torch", dtype, n)] = lambda xt=xt, tw=tw: _torch_swiglu(xt, tw)
+            cases[("torch", dtype, n)] = lambda xt=xt, tw=tw: torch_swiglu(xt, tw)
         for n in prefill_tokens:
             x = rng.standard_normal((n, shape.hidden), dtype=np.float32)
             cases[("prefill", dtype, n)] = lambda x=x, ew=ew: expert_rows(x, ew, path="prefill")
@@ -127,7 +129,7 @@ def bench_shape(shape: Shape, rounds: int = 3, decode_tokens: Sequence[int] = DE
                 cases[("auto", dtype, n)] = lambda x=x, ew=ew: expert_rows(x, ew, path="decode")
             if dtype == "float32":
                 xt = torch.from_numpy(x)
-                cases[("torch_gemm", dtype, n)] = lambda xt=xt, tw=tw: _torch_swiglu(xt, tw)
+                cases[("torch_gemm", dtype, n)] = lambda xt=xt, tw=tw: torch_swiglu(xt, tw)
     # Cases that a ratio compares run next to each other (the read, then the same n of every dtype, then
     # torch), so a burst of load from a neighbour on a shared machine tends to hit both sides of a ratio.
     order = sorted(cases, key=lambda k: (k[0] in ("prefill", "auto", "torch_gemm"), k[2], k[1], k[0]))
@@ -142,8 +144,7 @@ def bench_shape(shape: Shape, rounds: int = 3, decode_tokens: Sequence[int] = DE
         for key in order:
             fn = cases[key]
             best[key] = min(best.get(key, float("inf")), time_call(fn, min_s))
-    this_shape = ReadMeasurement(meter.nbytes, meter.threads, tuple(meter.samples_s[samples_before:]))
-    return _rows(shape, weights, best, this_shape)
+    return _rows(shape, weights, best, meter.result(since=samples_before))
 
 
 def _rows(shape: Shape, weights: dict[str, list[np.ndarray]], best: dict[tuple, float],
@@ -178,7 +179,6 @@ def run(shapes: Sequence[Shape] | None = None, rounds: int = 3, quick: bool = Fa
     buffer = read_buffer(read_bytes)  # one buffer for the run; each shape keeps its own read samples
     rows = [r for s in shapes
             for r in bench_shape(s, rounds, dec, pre, 0.005 if quick else 0.02, ReadMeter([buffer]))]
-    del buffer
     hidden = shapes[0].hidden
     lane = compare_lane_ops(hidden, (1,) if quick else (1, 512), 8 if quick else 512, 3 if quick else 20)
     return {"source": "measured", "machine": machine_label(), "numba_threads": numba.get_num_threads(),
@@ -264,4 +264,4 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
 
 
 __all__ = ["MIXTRAL", "Shape", "bench_shape", "demo_shape", "format_markdown", "ratios", "run", "time_call",
-           "write_json"]
+           "torch_swiglu", "torch_views", "write_json"]

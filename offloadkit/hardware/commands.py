@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from offloadkit.hardware.profile import HardwareProfile
 
@@ -130,11 +129,10 @@ def cmd_hardware_show(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from offloadkit.hardware.probe import default_name, run_profile
+    from offloadkit.hardware.probe import default_out, run_profile
     from offloadkit.output_paths import check_output_file
 
-    default = Path.cwd() / f"{args.name or default_name()}.toml"
-    out = check_output_file(args.out or default, "--out")  # before a minute of measuring, not after
+    out = check_output_file(args.out or default_out(args.name), "--out")  # before a minute of measuring, not after
     profile, path = run_profile(out=out, quick=args.quick, name=args.name, progress=not args.no_progress)
     print(describe_measurement(profile))
     print(f"wrote {path}  (see it with: offloadkit hardware show {path})")

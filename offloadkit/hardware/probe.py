@@ -190,6 +190,11 @@ def default_name() -> str:
     return f"measured-{host}"
 
 
+def default_out(name: str | None = None) -> Path:
+    """Where ``offloadkit profile`` writes without ``--out``: ``./<name>.toml`` (name: :func:`default_name`)."""
+    return Path(os.getcwd()) / f"{name or default_name()}.toml"
+
+
 def build_profile(m: dict[str, Any], name: str | None = None, date: str | None = None) -> HardwareProfile:
     """Turn raw measurements (from ``measure``, or a fake dict in tests) into a sourced profile."""
     date = date or _dt.date.today().isoformat()
@@ -233,5 +238,5 @@ def run_profile(out: str | Path | None = None, quick: bool = False, name: str | 
                 progress: bool = True) -> tuple[HardwareProfile, Path]:
     """Measure this machine, write the profile to ``out`` (default ``./<name>.toml``); returns both."""
     profile = build_profile(measure(quick=quick, progress=progress), name=name)
-    path = save_profile(profile, Path(out) if out else Path(os.getcwd()) / f"{profile.name}.toml")
+    path = save_profile(profile, Path(out) if out else default_out(profile.name))
     return profile, path

@@ -142,10 +142,11 @@ class ReadMeter:
         self.samples_s.append(dt)
         return dt
 
-    def result(self) -> ReadMeasurement:
-        if not self.samples_s:
+    def result(self, since: int = 0) -> ReadMeasurement:
+        """The samples taken so far (from sample number ``since`` on), at least one."""
+        if len(self.samples_s) <= since:
             self.sample()
-        return ReadMeasurement(self.nbytes, self.threads, tuple(self.samples_s))
+        return ReadMeasurement(self.nbytes, self.threads, tuple(self.samples_s[since:]))
 
 
 def measure_read(arrays: Sequence[np.ndarray] | None = None, *, nbytes: int = READ_BYTES,

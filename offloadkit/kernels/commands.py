@@ -14,6 +14,7 @@ import argparse
 
 def cmd_kernels_compile(args: argparse.Namespace) -> int:
     from offloadkit.errors import OffloadkitError
+    from offloadkit.hardware.machine import machine_label
     from offloadkit.kernels.cuda import nvrtc
     from offloadkit.kernels.cuda.loader import cupy_status
     from offloadkit.kernels.cuda.nvrtc import KERNELS
@@ -26,6 +27,7 @@ def cmd_kernels_compile(args: argparse.Namespace) -> int:
     if unknown:
         raise OffloadkitError(f"no kernel file {', '.join(unknown)}; the kernels are: {', '.join(sorted(KERNELS))}")
     print(f"NVRTC {nvrtc.nvrtc_version()} (no GPU needed). {cupy_status()[1]}")
+    print(f"compile times measured on {machine_label()}")
     print(f"{'kernel':<18} {'arch':>5} {'status':<8} {'kernels':>7} {'PTX':>10} {'cubin':>10} {'time':>7}")
     failures = []
     for name in names:

@@ -62,9 +62,8 @@ def _rate_and_bandwidth(cm: CostModel, lane: str) -> tuple[float, float]:
     return (cm.cpu_rate, cm.cpu_bw) if lane == "cpu" else (cm.gpu_rate, cm.gpu_bw)
 
 
-def roof_gflops(profile: HardwareProfile, spec, lane: str, tokens: Sequence[float]) -> list[float]:
+def roof_gflops(cm: CostModel, lane: str, tokens: Sequence[float]) -> list[float]:
     """The roof of ``lane`` (``cpu`` / ``gpu``): ``min(FLOP rate, bandwidth x 2 n / weight bytes)`` in GFLOP/s."""
-    cm = CostModel(profile, spec)
     rate, bw = _rate_and_bandwidth(cm, lane)
     return [min(rate, bw * 2 * n / cm.weight_bytes) / 1e9 for n in tokens]
 
@@ -81,7 +80,7 @@ def roofline_figure(profile: HardwareProfile, spec, params: int | None = None,
             continue
         name = lane.split()[0]
         rate, bw = _rate_and_bandwidth(cm, name)
-        fig.add_scatter(x=dense, y=roof_gflops(profile, spec, name, dense), mode="lines",
+        fig.add_scatter(x=dense, y=roof_gflops(cm, name, dense), mode="lines",
                         line={"dash": "dash", "color": LANE_COLORS[lane]},
                         name=f"{name} roof: min({rate / 1e9:,.0f} GFLOP/s, {bw / 1e9:,.0f} GB/s × intensity)",
                         hoverinfo="skip")
