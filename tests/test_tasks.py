@@ -117,8 +117,9 @@ def test_dense_and_shared_expert_blocks():
     spec, _ = tiny("qwen2_moe", layers=3, mlp_only_layers=[1])
     g = _graph(all_cpu(spec), spec=spec, counts=[[1, 1, 0, 0], [], [0, 2, 0, 0]])
     kinds = [(t.layer, t.kind) for t in g if t.kind in ("ffn", "expert", "shared_expert", "shared_gate")]
-    assert kinds == [(0, "expert"), (0, "expert"), (0, "shared_expert"), (0, "shared_gate"), (1, "ffn"),
-                     (2, "expert"), (2, "shared_expert"), (2, "shared_gate")]
+    # the shared expert needs no routing, so it is issued before the routed experts; the gate after them
+    assert kinds == [(0, "shared_expert"), (0, "expert"), (0, "expert"), (0, "shared_gate"), (1, "ffn"),
+                     (2, "shared_expert"), (2, "expert"), (2, "shared_gate")]
 
 
 def test_dataflow_check_catches_a_missing_copy_dependency():

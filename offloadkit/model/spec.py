@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,11 +63,11 @@ class Block:
     rows: int = 0
     expert: int | None = None
 
-    @property
+    @cached_property
     def params(self) -> int:
         return sum(t.numel for t in self.tensors)
 
-    @property
+    @cached_property
     def name(self) -> str:
         where = "" if self.layer is None else f"L{self.layer}."
         which = "" if self.expert is None else f"{self.expert}"
@@ -150,6 +151,14 @@ class ModelSpec:
         return ("w1", "w3", "w2") if self.arch in ("mixtral", "phimoe") else ("gate_proj", "up_proj", "down_proj")
 
     def layer_blocks(self, layer: int) -> Iterator[Block]:
+        """The blocks of decoder layer ``layer`` in forward order (built once per spec, then reused)."""
+        return iter(self._layer_block_lists[layer])
+
+    @cached_property
+    def _layer_block_lists(self) -> tuple[tuple[Block, ...], ...]:
+        return tuple(tuple(self._make_layer_blocks(layer)) for layer in range(self.n_layers))
+
+    def _make_layer_blocks(self, layer: int) -> Iterator[Block]:
         h, hd = self.hidden_size, self.head_dim
         q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
         p = f"model.layers.{layer}"

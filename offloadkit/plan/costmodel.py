@@ -142,8 +142,8 @@ class CostModel:
     def attention_cost(self, tokens: int, past: int, batch: int = 1) -> tuple[float, float]:
         """(bytes, flops) of one layer's attention core: read the KV cache once, softmax over visible keys."""
         kv_len = past + tokens
-        if self.sliding_window is not None:
-            kv_len = min(kv_len, self.sliding_window + tokens)
+        if self.sliding_window is not None:  # the first query sees positions past+1-W .. past, the last one W
+            kv_len = min(kv_len, self.sliding_window + tokens - 1)
         bytes_ = batch * (kv_len * self.kv_bytes_per_pos + tokens * self.attn_act_bytes_per_token)
         return bytes_, batch * self.attn_flops_per_pair * self.attention_pairs(tokens, past)
 

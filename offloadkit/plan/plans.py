@@ -2,15 +2,16 @@
 
 A :class:`Plan` says, for every block of a :class:`~offloadkit.model.spec.ModelSpec`, how many of its
 rows are **GG** (resident in GPU memory, computed by the GPU), where each layer's attention core and KV
-cache live, and how the host rows of a block are run at a step: on the CPU (**CC**) or copied over
-PCIe and run on the GPU (**CG**) (docs/DESIGN.md section 3). Blocks that are never split (norms, routers,
-the embedding table) count as one row: resident or not.
+cache live, and by which rule the host rows of a block are run at a step: on the CPU (**CC**) or
+copied over PCIe and run on the GPU (**CG**) (docs/DESIGN.md section 3). The rule (``assign``) is
+carried out by :class:`~offloadkit.plan.assign.TokenAssigner`, the one place that decides a step's
+split. Blocks that are never split (norms, routers, the embedding table) count as one row.
 
 The builders here are the plans a user knows already: :func:`all_cpu`, :func:`all_gpu` and
 :func:`first_n_layers_on_gpu` (llama.cpp's ``-ngl N``, including its "op offload": at a step of
 ``>= 32`` tokens, the weights of CPU layers are copied to the GPU and multiplied there). The adaptive
-partition of later issues builds plans of the same type with per-block ``gg_rows``, and
-:func:`split_rows` is the one place that decides a step's CC / CG split (token assignment replaces it).
+partition (:mod:`offloadkit.plan.partition`) and the policies (:mod:`offloadkit.plan.policies`)
+build plans of the same type.
 
 ``gpu_bytes`` estimates what a plan holds in GPU memory (resident weights + KV cache + activations
 + staging buffers); ``check_fits`` refuses a plan that does not fit, saying by how many bytes. The
@@ -32,7 +33,14 @@ from offloadkit.plan.costmodel import ACT_BYTES
 #: llama.cpp offloads the matmuls of CPU layers to the GPU at batches of at least this many tokens
 #: (``GGML_OP_OFFLOAD_MIN_BATCH``, default 32, in ggml-cuda).
 LLAMACPP_OP_OFFLOAD_MIN_TOKENS = 32
+#: llama.cpp's default physical batch (``n_ubatch``, ``-ub``): a prompt is evaluated in chunks of this many tokens.
+LLAMACPP_UBATCH = 512
 PLAN_FORMS = ("all-cpu", "all-gpu", "ngl:N")
+#: How host rows run at a step (:class:`~offloadkit.plan.assign.TokenAssigner` carries each out):
+#: ``cpu`` never streams; ``threshold`` streams all host rows of an op of ``>= stream_min_tokens`` tokens
+#: (llama.cpp's op offload); ``fiddler`` runs each non-resident expert whole on the CPU or copies it whole,
+#: by Fiddler's latency rule; ``balance`` is ScheInfer's token assignment (CC/CG split balancing the lanes).
+ASSIGN_RULES = ("cpu", "threshold", "fiddler", "balance")
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,12 @@ class Plan:
 
     ``gg_rows``: block name (``Block.name``, e.g. ``"L3.expert5"``) -> rows resident on the GPU
     (missing: 0). ``kv_on_gpu[l]``: layer ``l``'s attention core and KV cache are on the GPU.
-    ``stream_min_tokens``: at a step of at least this many tokens, host rows are streamed (CG), else
-    computed on the CPU (CC); ``None`` never streams. ``staging_buffers``: GPU buffers for streamed
-    weights (a copy waits until the compute that used the buffer before has finished).
+    ``assign``: the rule for host rows (:data:`ASSIGN_RULES`); ``stream_min_tokens``: the ``threshold``
+    rule's op size (giving it alone selects ``threshold``). ``staging_buffers``: GPU buffers for streamed
+    weights (a copy waits until the compute that used the buffer before has finished). ``ubatch``: the
+    prompt is run in chunks of this many tokens per sequence (``None``: all at once). ``serial``: no two
+    lanes ever work at once (llama.cpp's graph runs one split after the other). ``pinned``: host weights
+    are in page-locked memory (else copies run at the link's pageable rate).
     """
 
     policy: str
@@ -107,27 +118,43 @@ class Plan:
     staging_buffers: int = 1
     pinned: bool = True
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    assign: str = "cpu"
+    ubatch: int | None = None
+    serial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stream_min_tokens is not None and self.assign == "cpu":
+            object.__setattr__(self, "assign", "threshold")
+        if self.assign not in ASSIGN_RULES:
+            raise PlanError(f"plan {self.name}: unknown assignment rule {self.assign!r}; "
+                            f"the rules are {', '.join(ASSIGN_RULES)}")
+        if self.assign == "threshold" and self.stream_min_tokens is None:
+            raise PlanError(f"plan {self.name}: the threshold rule needs stream_min_tokens")
+        if not (isinstance(self.staging_buffers, int) and self.staging_buffers >= 1):
+            raise PlanError(f"plan {self.name}: staging_buffers must be an integer >= 1, got {self.staging_buffers!r}")
+        if self.ubatch is not None and not (isinstance(self.ubatch, int) and self.ubatch >= 1):
+            raise PlanError(f"plan {self.name}: ubatch must be a positive integer or None, got {self.ubatch!r}")
 
     def resident(self, block: Block) -> int:
         return self.gg_rows.get(block.name, 0)
 
     @property
+    def streams(self) -> bool:
+        """Whether host rows may ever be streamed (CG) under this plan's rule."""
+        return self.assign != "cpu"
+
+    @property
     def uses_gpu(self) -> bool:
-        return any(self.gg_rows.values()) or any(self.kv_on_gpu) or self.stream_min_tokens is not None
+        return any(self.gg_rows.values()) or any(self.kv_on_gpu) or self.streams
+
+    def prefill_chunks(self, prompt_tokens: int) -> list[int]:
+        """Tokens per sequence of each prefill step: the prompt cut into ``ubatch`` chunks."""
+        u = self.ubatch or prompt_tokens
+        return [min(u, prompt_tokens - i) for i in range(0, prompt_tokens, u)]
 
     @property
     def name(self) -> str:
         return self.label or self.policy
-
-
-def split_rows(plan: Plan, block: Block, op_tokens: int) -> tuple[int, int, int]:
-    """``(gg, cg, cc)`` rows of ``block`` in an op over ``op_tokens`` tokens (they sum to its units)."""
-    total = block.rows or 1
-    gg = plan.gg_rows.get(block.name, 0)
-    host = total - gg
-    if host and plan.stream_min_tokens is not None and op_tokens >= plan.stream_min_tokens and block.rows:
-        return gg, host, 0
-    return gg, 0, host
 
 
 # ---- the plans of this issue -----------------------------------------------------------------------
@@ -159,6 +186,12 @@ def first_n_layers_on_gpu(spec: ModelSpec, n: int, *, op_offload: bool = True) -
           if (b.layer is not None and b.layer < n) or (b.layer is None and b.kind != "embed" and n > spec.n_layers)}
     return Plan("llamacpp", on, tuple(layer < n for layer in range(spec.n_layers)), label=f"ngl:{n}",
                 stream_min_tokens=LLAMACPP_OP_OFFLOAD_MIN_TOKENS if op_offload else None)
+
+
+def llamacpp_plan(spec: ModelSpec, n: int) -> Plan:
+    """llama.cpp as it runs by default: ``-ngl n`` with op offload, the prompt in ``n_ubatch = 512``
+    chunks, one split after another (no two lanes at once), host weights memory-mapped (pageable)."""
+    return replace(first_n_layers_on_gpu(spec, n), ubatch=LLAMACPP_UBATCH, serial=True, pinned=False)
 
 
 def parse_plan(text: str, spec: ModelSpec) -> Plan:
@@ -197,14 +230,14 @@ def gpu_bytes_breakdown(plan: Plan, spec: ModelSpec, workload: Workload) -> dict
         u = units(b)
         gg = min(plan.gg_rows.get(b.name, 0), u)
         weights += nbytes * gg // u
-        if plan.stream_min_tokens is not None and b.rows and gg < u:
+        if plan.streams and b.rows and gg < u:
             staging = max(staging, nbytes * (u - gg) // u)
     staging *= plan.staging_buffers
     kv_layers = sum(plan.kv_on_gpu)
     kv = kv_layers * workload.max_len * workload.batch * spec.kv_bytes_per_token() // max(spec.n_layers, 1)
     acts = 0
     if plan.uses_gpu:
-        t = workload.batch * workload.prompt_tokens
+        t = workload.batch * min(workload.prompt_tokens, plan.ubatch or workload.prompt_tokens)
         h = spec.hidden_size
         q_out = spec.n_heads * spec.head_dim
         widest = max(spec.intermediate_size, spec.expert_intermediate_size, spec.shared_expert_intermediate_size)
@@ -236,7 +269,9 @@ def check_fits(plan: Plan, spec: ModelSpec, profile: Any, workload: Workload) ->
         detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
         raise PlanError(f"plan {plan.name} does not fit {profile.name}: it needs {need:,} bytes ({_gib(need)}: "
                         f"{detail}) but the GPU has {have:,} usable ({_gib(have)}); over by {need - have:,} bytes "
-                        f"({_gib(need - have)}). Put fewer layers on the GPU (ngl:N) or shorten the workload.")
+                        f"({_gib(need - have)}). " + ("Put fewer layers on the GPU (ngl:N) or shorten the workload."
+                                                    if plan.policy == "llamacpp" else
+                                                    "Keep fewer rows resident or shorten the workload."))
     return have - need
 
 
@@ -252,6 +287,6 @@ def max_ngl(spec: ModelSpec, profile: Any, workload: Workload) -> int:
     return best
 
 
-__all__ = ["LLAMACPP_OP_OFFLOAD_MIN_TOKENS", "Plan", "Workload", "all_cpu", "all_gpu", "check_fits",
-           "first_n_layers_on_gpu", "gpu_bytes", "gpu_bytes_breakdown", "head_block", "max_ngl", "parse_plan",
-           "plan_blocks", "split_rows", "units"]
+__all__ = ["ASSIGN_RULES", "LLAMACPP_OP_OFFLOAD_MIN_TOKENS", "LLAMACPP_UBATCH", "Plan", "Workload", "all_cpu",
+           "all_gpu", "check_fits", "first_n_layers_on_gpu", "gpu_bytes", "gpu_bytes_breakdown", "head_block",
+           "llamacpp_plan", "max_ngl", "parse_plan", "plan_blocks", "units"]

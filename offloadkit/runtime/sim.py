@@ -8,12 +8,12 @@ needs the token its predecessor sampled.
 
 Two modes:
 
-- **shapes only** (full-size models, no weights): a step's graph is built once per *structure*
-  (token count, batch, and per layer the token counts of the experts in use and where they live)
-  and reused: a Mixtral decode step at batch 1 always has two experts with one token per layer, so
-  all 128 decode steps share one template. Per step only the attention tasks are re-priced (the KV
-  cache grows) and expert names filled in. Mixtral-8x7B pp512 + tg128 (34 k tasks) simulates in
-  about 0.1 s on a 2-core VM (``benchmarks/sim_speed.py``; the target is 0.5 s).
+- **shapes only** (full-size models, no weights): without a timeline to record, steps are stitched
+  from layer fragments (:mod:`offloadkit.runtime.fragments`): each distinct layer is built once and
+  reused, attention re-priced per step. Mixtral-8x7B pp512 + tg128 under a ScheInfer plan (whose
+  decode steps never repeat as a whole) simulates in about 0.3 s on a 2-core VM
+  (``benchmarks/plan_speed.py``). Recording a timeline builds each distinct *step* once (a step's
+  graph is reused when the token counts and the experts' resident rows repeat) and names every task.
 - **with numerics** (tiny models, ``weights=...``): every task is also executed on real tensors by
   :class:`~offloadkit.runtime.numerics.NumericsExecutor`, the router's real choices decide the expert
   tasks, and the schedule is checked for data flow (each value on the right device before use). The
@@ -26,7 +26,7 @@ study them anyway) and GPU plans on profiles without a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -34,9 +34,11 @@ import torch
 
 from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
-from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.plans import Plan, Workload, check_fits, parse_plan
+from offloadkit.plan.assign import TokenAssigner
+from offloadkit.plan.costmodel import ACT_BYTES, CostModel
+from offloadkit.plan.plans import Plan, Workload, check_fits, parse_plan, plan_blocks
 from offloadkit.plan.routing import Routing, parse_routing
+from offloadkit.runtime.fragments import EntryPart, FragmentCache, StepLists
 from offloadkit.runtime.simresult import SimResult
 from offloadkit.runtime.stepgraph import LAUNCHES, StepBuilder, StepShape, layer_blocks
 from offloadkit.runtime.tasks import TaskGraph, check_dataflow
@@ -122,10 +124,14 @@ def _resolve(spec: ModelSpec | str, profile: Any, plan: Plan | str) -> tuple[Mod
     return spec, profile, plan
 
 
-def step_shapes(workload: Workload) -> list[StepShape]:
-    """The prefill, then one step per generated token (each with the KV cache one longer)."""
+def step_shapes(workload: Workload, plan: Plan | None = None) -> list[StepShape]:
+    """The prefill (in the plan's ``ubatch`` chunks, all numbered step 0), then one step per generated token
+    (each with the KV cache one longer)."""
     p, b = workload.prompt_tokens, workload.batch
-    return [StepShape(0, p, 0, b)] + [StepShape(i, 1, p + i - 1, b) for i in range(1, workload.gen_tokens + 1)]
+    chunks = plan.prefill_chunks(p) if plan is not None else [p]
+    past = [sum(chunks[:i]) for i in range(len(chunks))]
+    return ([StepShape(0, c, q, b) for c, q in zip(chunks, past, strict=True)]
+            + [StepShape(i, 1, p + i - 1, b) for i in range(1, workload.gen_tokens + 1)])
 
 
 def simulate(spec: ModelSpec | str, profile: Any, plan: Plan | str, workload: Workload | None = None,
@@ -162,24 +168,30 @@ def simulate(spec: ModelSpec | str, profile: Any, plan: Plan | str, workload: Wo
 
 def _simulate_shapes(spec: ModelSpec, plan: Plan, cost: CostModel, workload: Workload, routing: Routing,
                      result: SimResult, record: bool) -> None:
-    shapes = step_shapes(workload)
+    shapes = step_shapes(workload, plan)
     n_exp = spec.n_experts
+    assigner = TokenAssigner(spec, plan, cost)
     if spec.is_moe:
         counts = routing.step_counts(spec, [s.n for s in shapes]).tolist()
     else:
         counts = [[[]] * spec.n_layers] * len(shapes)
     blocks = layer_blocks(spec)
     gg = [[plan.gg_rows.get(f"L{layer}.expert{e}", 0) for e in range(n_exp)] for layer in range(spec.n_layers)]
+    if not record:
+        _simulate_fragments(spec, plan, cost, shapes, counts, gg, blocks, assigner, result)
+        return
     templates: dict[tuple, tuple[_Template, list[list[int]]]] = {}
     records = result.timeline.records
     t0 = 0.0
     for shape, step_counts in zip(shapes, counts, strict=True):
-        key = (shape.tokens, shape.batch, tuple(tuple((c, g) for c, g in zip(row, gl, strict=False) if c)
-                                                for row, gl in zip(step_counts, gg, strict=True)))
+        key = (shape.tokens, shape.batch, shape.step == 0,
+               tuple(tuple((c, g) for c, g in zip(row, gl, strict=False) if c) for row, gl in zip(step_counts, gg,
+                                                                                                   strict=True)))
         active = [[e for e, c in enumerate(row) if c] for row in step_counts]
         hit = templates.get(key)
         if hit is None:
-            graph = StepBuilder(spec, plan, cost, shape, blocks=blocks).build(lambda layer, c=step_counts: c[layer])
+            graph = StepBuilder(spec, plan, cost, shape, blocks=blocks, assigner=assigner).build(
+                lambda layer, c=step_counts: c[layer])
             hit = templates[key] = (_Template(graph, active), active)
         tpl = hit[0]
         durs, bytes_, flops = tpl.durs, tpl.bytes_, tpl.flops
@@ -207,6 +219,68 @@ def _simulate_shapes(spec: ModelSpec, plan: Plan, cost: CostModel, workload: Wor
         t0 = t1
 
 
+def _prologue(b: StepBuilder) -> list[str]:
+    """The step's embedding lookup (a fragment body)."""
+    n, h, a = b.shape.n, b.spec.hidden_size, ACT_BYTES
+    b.small(b._head["embed"], "embed", "embed", ["ids"], [("h", n * h * a)], n * h * (b.cost.weight_bytes + a), 0)
+    return ["h"]
+
+
+def _epilogue(b: StepBuilder) -> list[str]:
+    """The final norm, the lm_head and the logits' copy to the host (a fragment body)."""
+    h, bt, a, spec = b.spec.hidden_size, b.shape.batch, ACT_BYTES, b.spec
+    b.small(b._head["final_norm"], "final_norm", "final_norm", ["resid", "delta"], [("xo", bt * h * a)], 0, 0,
+            norm=True)
+    b.split_block(b.assigner.head_block, "lm_head", "lm_head", bt, ["xo"], "logits", bt * a, True,
+                  bt * (h + spec.vocab_size) * a, cg=b.assigner.head(bt))
+    b.need(["logits"], "cpu", None)
+    return []
+
+
+def _layer_body(layer: int, row: list[int], has_delta: bool) -> Callable[[StepBuilder], list[str]]:
+    """A fragment body that emits one layer, reading its inputs as ``resid`` and ``delta``."""
+    return lambda b: list(b.layer(layer, "resid", "delta" if has_delta else None, lambda _: row))
+
+
+def _simulate_fragments(spec: ModelSpec, plan: Plan, cost: CostModel, shapes: list[StepShape], counts: list,
+                        gg: list[list[int]], blocks: list, assigner: TokenAssigner, result: SimResult) -> None:
+    """The fast path of shape-only simulation without a timeline: steps stitched from layer fragments
+    (:mod:`offloadkit.runtime.fragments`), the same graphs as the builder's."""
+    current: list[StepShape] = [shapes[0]]
+    cache = FragmentCache(lambda: StepBuilder(spec, plan, cost, current[0], blocks=blocks, assigner=assigner))
+    static = [(plan.kv_on_gpu[layer], tuple((b.kind, plan.gg_rows.get(b.name, 0)) for b in spec.layer_blocks(layer)
+                                            if b.kind != "expert")) for layer in range(spec.n_layers)]
+    head = tuple(plan.gg_rows.get(b.name, 0) for b in plan_blocks(spec) if b.layer is None)
+    serial, staging = plan.serial, plan.staging_buffers
+    t0 = 0.0
+    for shape, step_counts in zip(shapes, counts, strict=True):
+        current[0] = shape
+        step = StepLists.empty()
+        base = (shape.tokens, shape.batch)
+        state = cache.add(step, ("pro", *base), {"ids": [EntryPart("cpu", 8 * shape.n, [])]}, _prologue, serial,
+                          staging, ["resid"])
+        for layer in range(spec.n_layers):
+            row = step_counts[layer]
+            key = ("layer", *base, static[layer], tuple((c, g) for c, g in zip(row, gg[layer], strict=False) if c))
+            state = cache.add(step, key, state, _layer_body(layer, row, "delta" in state), serial, staging,
+                              ["resid", "delta"])
+        cache.add(step, ("epi", *base, head), state, _epilogue, serial, staging, [])
+        durs = step.durs
+        if step.attention:
+            bts, f = cost.attention_cost(shape.tokens, shape.past, shape.batch)
+            priced = {lane: cost.roofline_s(lane, bts, f, LAUNCHES["attention"]) for lane in ("cpu", "gpu")
+                      if lane == "cpu" or cost.has_gpu}
+            for i, lane in step.attention:
+                durs[i] = priced[lane]
+        busy = [0.0] * len(LANES)
+        for ln, d in zip(step.lanes, durs, strict=True):
+            busy[ln] += d
+        start, end = _run(step.lanes, durs, step.deps, t0)
+        t1 = max(end) if end else t0
+        result.add_step_busy(shape.step, t1 - t0, busy)
+        t0 = t1
+
+
 def _simulate_numerics(spec: ModelSpec, plan: Plan, cost: CostModel, workload: Workload, weights: Any,
                        prompt_ids: torch.Tensor | None, seed: int, result: SimResult, record: bool) -> None:
     from offloadkit.model.reference import ReferenceModel
@@ -220,18 +294,24 @@ def _simulate_numerics(spec: ModelSpec, plan: Plan, cost: CostModel, workload: W
         raise PlanError(f"prompt_ids has shape {tuple(prompt_ids.shape)}, the workload asks for ({b}, {p})")
     executor = NumericsExecutor(model, b, workload.max_len)
     blocks = layer_blocks(spec)
+    assigner = TokenAssigner(spec, plan, cost)
+    shapes = step_shapes(workload, plan)
+    n_prefill = sum(1 for s in shapes if s.step == 0)
     ids, t0 = prompt_ids, 0.0
     with torch.no_grad():
-        for shape in step_shapes(workload):
+        for i, shape in enumerate(shapes):
+            if shape.step == 0:
+                ids = prompt_ids[:, shape.past:shape.past + shape.tokens]
             executor.begin_step(ids)
-            graph = StepBuilder(spec, plan, cost, shape, on_task=executor.run, blocks=blocks).build(
-                executor.expert_counts)
+            graph = StepBuilder(spec, plan, cost, shape, on_task=executor.run, blocks=blocks,
+                                assigner=assigner).build(executor.expert_counts)
             start, end = schedule(graph, t0)
             check_dataflow(graph, start, end)
             logits = executor.end_step()
-            result.logits.append(logits)
-            ids = logits.argmax(-1, keepdim=True)
-            result.tokens.append(ids)
+            if i >= n_prefill - 1:  # a prefill chunk before the last samples nothing
+                result.logits.append(logits)
+                ids = logits.argmax(-1, keepdim=True)
+                result.tokens.append(ids)
             t1 = max(end)
             result.add_step(shape.step, t1 - t0, [LANE_INDEX[t.lane] for t in graph.tasks],
                             [t.duration_s for t in graph.tasks])

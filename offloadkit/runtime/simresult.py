@@ -5,6 +5,7 @@ need the per-task timeline, which ``record=False`` skips) and prints the table t
 shows. Every figure here is **simulated** on a named hardware profile and says so: ``table()`` puts
 "simulated on <profile>" in its first line; nothing here may be shown as a measurement.
 
+A prefill in ``ubatch`` chunks is several steps numbered 0; ``prefill_s`` is their sum.
 Throughput follows llama-bench: prefill tokens/s = batch x prompt / prefill time; decode tokens/s =
 batch x generated tokens / time of the decode steps. The *bounding lane* of a phase is the lane with
 the most busy time in it: the resource that a better plan would have to relieve.
@@ -30,6 +31,7 @@ class SimResult:
     plan: str
     profile: str
     step_s: list[float] = field(default_factory=list)
+    n_prefill_steps: int = 0
     busy_prefill_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LANES, 0.0))
     busy_decode_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LANES, 0.0))
     logits: list[Any] = field(default_factory=list)  # numerics only: [B, V] per step
@@ -45,6 +47,7 @@ class SimResult:
     def add_step_busy(self, step: int, seconds: float, busy_by_lane: Sequence[float]) -> None:
         """Account a step from its busy seconds per lane (in ``LANES`` order)."""
         self.step_s.append(seconds)
+        self.n_prefill_steps += step == 0
         busy = self.busy_prefill_s if step == 0 else self.busy_decode_s
         for lane, s in zip(LANES, busy_by_lane, strict=True):
             busy[lane] += s
@@ -53,11 +56,11 @@ class SimResult:
 
     @property
     def prefill_s(self) -> float:
-        return self.step_s[0] if self.step_s else 0.0
+        return sum(self.step_s[:self.n_prefill_steps])
 
     @property
     def decode_s(self) -> float:
-        return sum(self.step_s[1:])
+        return sum(self.step_s[self.n_prefill_steps:])
 
     @property
     def total_s(self) -> float:

@@ -1,9 +1,11 @@
 """Build the task graph of one inference step from a model spec, a plan and the step's routing.
 
-A step (the prefill, or one decode step) runs the model's layers in order. For each block the plan
-says how many rows are GG (GPU, resident), CG (GPU, weights copied on ``h2d`` first) and CC (CPU)
-(:func:`~offloadkit.plan.plans.split_rows`), and the builder emits one compute task per non-empty
-slice, priced by the :class:`~offloadkit.plan.costmodel.CostModel`:
+A step (a prefill chunk, or one decode step) runs the model's layers in order. For each block the
+plan says how many rows are GG (GPU, resident); the :class:`~offloadkit.plan.assign.TokenAssigner`
+splits the rest into CG (GPU, weights copied on ``h2d`` first) and CC (CPU): a layer's dense blocks
+when the layer starts, its routed experts after its router (their copies depend on the router task).
+The builder emits one compute task per non-empty slice, priced by the
+:class:`~offloadkit.plan.costmodel.CostModel`, streamed experts first, most tokens first:
 
     embed -> per layer: attn_norm, attn_qkv, attention (where the KV cache is), attn_o, ffn_norm,
              router, one task per expert with tokens (or the dense ffn), shared expert + gate (Qwen)
@@ -17,7 +19,8 @@ slices (``ao``, ``y``: summed; ``qkv``, ``logits``: concatenated) keep one part 
 
 Weight copies of CG slices wait for a free staging buffer: with ``plan.staging_buffers = k`` the
 ``i``-th copy waits until the compute that used copy ``i - k`` has finished (k = 1: no overlap of a
-copy with the compute of the previous streamed slice, as llama.cpp's op offload).
+copy with the compute of the previous streamed slice, as llama.cpp's op offload). A ``serial`` plan
+(llama.cpp) makes every task wait for the one issued before it: no two lanes ever work at once.
 
 It refuses nothing on its own: plans are checked by ``check_fits``; the graph is valid by construction
 (tasks only depend on earlier tasks). ``on_task`` lets an executor run each task as it is issued,
@@ -31,13 +34,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from offloadkit.model.spec import Block, ModelSpec
+from offloadkit.plan.assign import SLICE_LAUNCHES, TokenAssigner
 from offloadkit.plan.costmodel import ACT_BYTES, CostModel
-from offloadkit.plan.plans import Plan, head_block, split_rows
+from offloadkit.plan.plans import Plan
 from offloadkit.runtime.tasks import WRITES_ON, Task, TaskGraph
 
 #: Kernel launches (GPU) or calls (CPU) per task kind: each pays the lane's overhead.
-LAUNCHES = {"embed": 1, "attn_norm": 1, "attn_qkv": 3, "attention": 3, "attn_o": 1, "ffn_norm": 1, "router": 2,
-            "expert": 3, "shared_expert": 3, "shared_gate": 2, "ffn": 3, "final_norm": 1, "lm_head": 1}
+LAUNCHES = {"embed": 1, "attn_norm": 1, "attention": 3, "ffn_norm": 1, "router": 2, "shared_gate": 2,
+            "final_norm": 1, **SLICE_LAUNCHES}
 DEVICE_LANE = {"cpu": "cpu", "gpu": "gpu"}
 COPY_LANE = {"gpu": "h2d", "cpu": "d2h"}  # lane of a copy *to* this device
 
@@ -108,13 +112,14 @@ class StepBuilder:
 
     def __init__(self, spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
                  on_task: Callable[[Task], None] | None = None,
-                 blocks: list[LayerBlocks] | None = None) -> None:
+                 blocks: list[LayerBlocks] | None = None, assigner: TokenAssigner | None = None) -> None:
         self.spec, self.plan, self.cost, self.shape, self.on_task = spec, plan, cost, shape, on_task
         self.blocks = blocks if blocks is not None else layer_blocks(spec)
+        self.assigner = assigner if assigner is not None else TokenAssigner(spec, plan, cost)
         self.graph = TaskGraph()
         self.values: dict[str, dict[str, _Part]] = {}
         self.weight_users: list[int] = []
-        self._head = {b.kind: b for b in spec.blocks() if b.layer is None}
+        self._head = self.assigner.head_blocks
 
     # ---- primitives ---------------------------------------------------------------------------------
 
@@ -123,6 +128,8 @@ class StepBuilder:
              rows: tuple[int, int] | None = None, out: Sequence[tuple[str, float, bool]] = ()) -> int:
         """Append a task; ``out`` = (value, bytes, concatenated?) it writes on its lane's device."""
         tid = len(self.graph.tasks)
+        if self.plan.serial and tid:
+            deps = (*deps, tid - 1)
         device = WRITES_ON[lane]
         writes = []
         for value, nbytes, cat in out:
@@ -179,19 +186,25 @@ class StepBuilder:
                          reads=reads, out=[(v, b, False) for v, b in outs])
 
     def split_block(self, block: Block, kind: str, name: str, tokens: int, ins: Sequence[str], out: str,
-                    out_bytes_per_row: float, cat: bool, act_bytes: float, expert: int | None = None) -> None:
-        """A row-splittable block (QKV, O, expert, FFN, lm_head) as its GG / CG / CC slices."""
-        # llama.cpp decides op offload per op by its batch: all experts of a layer are one op over every
-        # token of the step; lm_head sees one position per sequence. Token assignment will refine this.
-        gg, cg, cc = split_rows(self.plan, block, self.shape.n if kind == "expert" else tokens)
+                    out_bytes_per_row: float, cat: bool, act_bytes: float, expert: int | None = None,
+                    cg: int = 0, after: int | None = None, only: tuple[str, ...] = ("gg", "cg", "cc")) -> None:
+        """A row-splittable block (QKV, O, expert, FFN, lm_head) as its GG / CG / CC slices; ``cg`` streamed
+        rows (from the assigner); ``after``: the task the CG copy must wait for (the router that chose it);
+        ``only``: the slices to emit now (a layer issues its experts' resident slices before the streamed ones,
+        so that resident work never queues behind a copy on the gpu lane)."""
+        gg = min(self.plan.gg_rows.get(block.name, 0), block.rows)
+        cg = min(cg, block.rows - gg)
+        cc = block.rows - gg - cg
         per_row = block.params / block.rows
         pieces = [(p, r0, r0 + size) for p, r0, size in (("gg", 0, gg), ("cg", gg, cg), ("cc", gg + cg, cc)) if size]
         for piece, r0, r1 in pieces:
+            if piece not in only:
+                continue
             dev = "cpu" if piece == "cc" else "gpu"
             pname = name if len(pieces) == 1 else f"{name}.{piece}"
             deps, reads = self.need(ins, dev, block.layer)
             if piece == "cg":
-                deps.append(self.stream_weights(block, pname, r1 - r0))
+                deps.append(self.stream_weights(block, pname, r1 - r0, after))
                 reads.append(f"W:{pname}")
             params = int(per_row * (r1 - r0))
             bytes_ = params * self.cost.weight_bytes + act_bytes
@@ -202,11 +215,13 @@ class StepBuilder:
             if piece == "cg":
                 self.weight_users.append(tid)
 
-    def stream_weights(self, block: Block, pname: str, rows: int) -> int:
-        """The h2d copy of a CG slice's weights, waiting for a free staging buffer."""
+    def stream_weights(self, block: Block, pname: str, rows: int, after: int | None = None) -> int:
+        """The h2d copy of a CG slice's weights, waiting for a free staging buffer (and ``after``)."""
         nbytes = self.spec.bytes_of(block.params) * rows // block.rows
         k = self.plan.staging_buffers
         deps = [self.weight_users[-k]] if len(self.weight_users) >= k else []
+        if after is not None:
+            deps.append(after)
         tid = self.emit("h2d", "weights", f"{pname}.w", self.cost.copy_s("h2d", nbytes, self.plan.pinned),
                         layer=block.layer, bytes_=nbytes, deps=deps, expert=block.expert)
         self.graph.tasks[tid].writes = (f"W:{pname}",)
@@ -226,9 +241,10 @@ class StepBuilder:
             resid, delta = self.layer(layer, resid, delta, counts)
         self.small(self._head["final_norm"], "final_norm", "final_norm", [resid, delta],
                    [("xo", self.shape.batch * h * a)], 0, 0, norm=True)
-        head = head_block(s)
+        head = self.assigner.head_block
         b = self.shape.batch
-        self.split_block(head, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True, b * (h + s.vocab_size) * a)
+        self.split_block(head, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True, b * (h + s.vocab_size) * a,
+                         cg=self.assigner.head(b))
         self.need(["logits"], "cpu", None)  # sampling happens on the host
         return self.graph
 
@@ -237,12 +253,13 @@ class StepBuilder:
         s, sh, a = self.spec, self.shape, ACT_BYTES
         n, h, L = sh.n, s.hidden_size, f"L{layer}"
         b = self.blocks[layer]
+        dense = self.assigner.dense(layer, n)
         ins = [resid] if delta is None else [resid, delta]
         self.small(b.attn_norm, "attn_norm", f"{L}.attn_norm", ins, [(f"{L}.h", n * h * a), (f"{L}.xa", n * h * a)],
                    0, 0, norm=True)
         qkv = b.attn_qkv
         self.split_block(qkv, "attn_qkv", f"{L}.attn_qkv", n, [f"{L}.xa"], f"{L}.qkv", n * a, True,
-                         n * (h + qkv.rows) * a)
+                         n * (h + qkv.rows) * a, cg=dense.get(qkv.name, 0))
         dev = "gpu" if self.plan.kv_on_gpu[layer] else "cpu"
         deps, reads = self.need([f"{L}.qkv"], dev, layer)
         bytes_, flops = self.cost.attention_cost(sh.tokens, sh.past, sh.batch)
@@ -251,24 +268,30 @@ class StepBuilder:
                   layer=layer, bytes_=bytes_, flops=flops, deps=deps, reads=reads,
                   out=[(f"{L}.o", n * q_out * a, False)])
         self.split_block(b.attn_o, "attn_o", f"{L}.attn_o", n, [f"{L}.o"], f"{L}.ao", n * h * a, False,
-                         n * (q_out + h) * a)
+                         n * (q_out + h) * a, cg=dense.get(b.attn_o.name, 0))
         self.small(b.ffn_norm, "ffn_norm", f"{L}.ffn_norm", [f"{L}.h", f"{L}.ao"],
                    [(f"{L}.hm", n * h * a), (f"{L}.xf", n * h * a)], 0, 0, norm=True)
         y = f"{L}.y"
         if b.router is None:
             assert b.ffn is not None, f"layer {layer} has neither a router nor a dense FFN"
-            self.split_block(b.ffn, "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a)
+            self.split_block(b.ffn, "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a,
+                             cg=dense.get(b.ffn.name, 0))
             return f"{L}.hm", y
         router = b.router
-        self.small(router, "router", f"{L}.router", [f"{L}.xf"], [(f"{L}.route", n * s.top_k * 12)],
-                   router.params * self.cost.weight_bytes + n * h * a, 2 * n * router.params)
-        for e, c in enumerate(counts(layer)):
-            if c:
-                self.split_block(b.experts[e], "expert", f"{L}.expert{e}", int(c), [f"{L}.xf", f"{L}.route"], y,
-                                 n * h * a, False, 2 * int(c) * h * a, expert=e)
+        rid = self.small(router, "router", f"{L}.router", [f"{L}.xf"], [(f"{L}.route", n * s.top_k * 12)],
+                         router.params * self.cost.weight_bytes + n * h * a, 2 * n * router.params)
+        c_list = [int(c) for c in counts(layer)]
+        s_shared, cg = self.assigner.moe(layer, n, c_list)
+        active = sorted((e for e, c in enumerate(c_list) if c), key=lambda e: (not cg[e], -c_list[e], e))
+        shared = b.shared_expert if b.shared_gate is not None else None
+        for only in (("gg",), ("cg", "cc")):  # resident slices first: they never queue behind a copy
+            if shared is not None:  # needs no routing: first of each kind
+                self.split_block(shared, "shared_expert", f"{L}.shared_expert", n, [f"{L}.xf"], f"{L}.s",
+                                 n * h * a, False, 2 * n * h * a, cg=s_shared, after=rid, only=only)
+            for e in active:
+                self.split_block(b.experts[e], "expert", f"{L}.expert{e}", c_list[e], [f"{L}.xf", f"{L}.route"], y,
+                                 n * h * a, False, 2 * c_list[e] * h * a, expert=e, cg=cg[e], after=rid, only=only)
         if b.shared_expert is not None and b.shared_gate is not None:
-            self.split_block(b.shared_expert, "shared_expert", f"{L}.shared_expert", n, [f"{L}.xf"], f"{L}.s",
-                             n * h * a, False, 2 * n * h * a)
             gate = b.shared_gate
             self.small(gate, "shared_gate", f"{L}.shared_gate", [f"{L}.xf", f"{L}.s"], [(y, n * h * a)],
                        gate.params * self.cost.weight_bytes + 2 * n * h * a, 2 * n * gate.params + 2 * n * h)
@@ -277,11 +300,11 @@ class StepBuilder:
 
 def build_step(spec: ModelSpec, plan: Plan, cost: CostModel, shape: StepShape,
                counts: Callable[[int], Sequence[int]] | Sequence[Sequence[int]],
-               on_task: Callable[[Task], None] | None = None) -> TaskGraph:
+               on_task: Callable[[Task], None] | None = None, assigner: TokenAssigner | None = None) -> TaskGraph:
     """The task graph of one step; ``counts`` is ``layer -> tokens per expert`` or a [layers][experts] table."""
     table = counts
     fn = table if callable(table) else (lambda layer: table[layer])
-    return StepBuilder(spec, plan, cost, shape, on_task).build(fn)
+    return StepBuilder(spec, plan, cost, shape, on_task, assigner=assigner).build(fn)
 
 
 __all__ = ["LAUNCHES", "LayerBlocks", "StepBuilder", "StepShape", "build_step", "layer_blocks"]
