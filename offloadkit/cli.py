@@ -25,6 +25,7 @@ Handler = Callable[[argparse.Namespace], int]
 #: Modules that add subcommands: each has ``register(subparsers) -> None`` and keeps its handlers.
 COMMAND_MODULES: tuple[str, ...] = (
     "offloadkit.hardware.commands",
+    "offloadkit.plan.commands",
     "offloadkit.runtime.commands",
     "offloadkit.kernels.commands",
     "offloadkit.bench.commands",

@@ -4,8 +4,10 @@ It shows the two facts the whole toolkit starts from: where a Mixture-of-Experts
 bytes (almost all in experts a token mostly does not use), and that offloadkit's model core runs a
 real checkpoint: the small Mixtral-architecture model trained on Python's own documentation, read
 memory-mapped from ``data/models/demo-mixtral``, generating text, with the expert choices its
-routers learned; and a simulated Mixtral-8x7B step on an RTX 4090 desktop under llama.cpp-style
-plans. Later issues extend it with ScheInfer's plans and measured speedups.
+routers learned; and Mixtral-8x7B simulated on an RTX 4090 desktop under ScheInfer's plan beside the
+plans of llama.cpp, Fiddler and KTransformers (offloadkit's reimplementations of their placements, on one
+cost model), with the speedups and the bound. The simulated section takes a few seconds (the partition's
+LP and four simulations).
 """
 
 from __future__ import annotations
@@ -18,21 +20,40 @@ from offloadkit.model.expert_usage import expert_counts, normalized_entropy, usa
 from offloadkit.model.generate import SamplingConfig, stream_text
 from offloadkit.model.summary import format_breakdown, human
 from offloadkit.model.zoo import load_spec, zoo_names
-from offloadkit.plan.plans import Workload, max_ngl
+from offloadkit.plan.plans import Workload, gpu_bytes_breakdown
+from offloadkit.runtime.compare import compare_policies
 from offloadkit.runtime.engines import load_engine
-from offloadkit.runtime.sim import simulate
 
 PROMPTS = ("The \"for\" statement is used to", "A class definition")
+#: ScheInfer and the systems it is measured against (offloadkit's plans of them: offloadkit/plan/policies.py).
+DEMO_POLICIES = ("scheinfer", "llamacpp", "fiddler", "ktransformers")
+#: How each assignment rule runs the rows that are not resident, in a few words.
+ASSIGN_WORDS = {"cpu": "on the CPU", "threshold": "copied to the GPU at steps of >= {n} tokens, else on the CPU",
+                "fiddler": "each expert on the CPU or copied whole (Fiddler's rule)",
+                "balance": "split per step between the CPU and streaming to the GPU"}
 
 
-def run_simulation(spec, out: TextIO, profile: str = "rtx4090-desktop") -> None:
-    """Simulate pp512 + tg128 of ``spec`` on ``profile`` under all-cpu and the largest ``ngl`` that fits."""
+def run_simulation(spec, out: TextIO, profile: str = "rtx4090-desktop", routing: str = "zipf:1.2") -> None:
+    """Simulate pp512 + tg128 of ``spec`` on ``profile`` under ScheInfer's plan and the baselines' plans,
+    side by side with the speedups and the bound, and say what each plan keeps on the GPU."""
     hw, w = load_profile(profile), Workload(prompt_tokens=512, gen_tokens=128)
     rule = "-" * 78
-    out.write(f"{rule}\nSimulated (cost model, no weights): {spec.name} on {profile}, pp512 + tg128\n{rule}\n")
-    for plan in ("all-cpu", f"ngl:{max_ngl(spec, hw, w)}"):
-        out.write(simulate(spec, hw, plan, w, "zipf:1.2", record=False).table() + "\n\n")
-    out.write("ScheInfer's CC/CG/GG split (later chapters) puts the idle GPU and PCIe lanes of decode to work.\n\n")
+    out.write(f"{rule}\nSimulated (cost model, no weights): {spec.name} on {profile}, pp512 + tg128, "
+              f"routing {routing}\n{rule}\n")
+    comparison = compare_policies(spec, hw, w, routing, policies=DEMO_POLICIES)
+    out.write(comparison.table() + "\n\n")
+    out.write(f"What each plan keeps resident on the GPU (simulated on {profile}):\n")
+    for name, run in comparison.runs.items():
+        if run.plan is None:
+            out.write(f"  {name:<14} cannot run: {run.error}\n")
+            continue
+        gpu = gpu_bytes_breakdown(run.plan, spec, w)
+        resident = gpu["weights"] / spec.total_bytes
+        out.write(f"  {name:<14} {gpu['weights'] / 2**30:5.1f} GiB of weights ({resident:.0%} of the model), "
+                  f"{sum(run.plan.kv_on_gpu)}/{spec.n_layers} layers' KV cache; host rows: "
+                  f"{ASSIGN_WORDS[run.plan.assign].format(n=run.plan.stream_min_tokens)}\n")
+    out.write("\nScheInfer's GG/CG/CC split puts the CPU, the PCIe link and the GPU to work at once; "
+              "'offloadkit plan' describes its plan, 'offloadkit simulate --policy all' compares every policy.\n\n")
 
 
 def run_demo(max_new_tokens: int = 80, out: TextIO | None = None) -> None:

@@ -195,7 +195,9 @@ def test_gen_0_is_prefill_only(capsys):
     out = capsys.readouterr().out
     assert "pp16, batch 1" in out and "\ndecode" not in out
     assert "prefill only (--gen 0, as llama-bench -n 0): no decode step was simulated" in out
-    assert json.loads(out.splitlines()[-1])["decode_tokens_per_s"] is None
+    rows = json.loads(out.splitlines()[-1])  # the rows of the default policy's plan: no decode row
+    assert [(r["policy"], r["phase"]) for r in rows] == [("scheinfer", "prefill"), ("scheinfer", "overall")]
+    assert rows[0]["seconds"] == rows[1]["seconds"] and rows[0]["tokens"] == rows[1]["tokens"] == 16
 
 
 # ---- generate stops at the model's context --------------------------------------------------------------
@@ -253,7 +255,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, 
 def test_every_option_of_every_subcommand_is_described_with_its_default():
     parsers = subcommands(build_parser())
     assert {"info", "make-model", "generate", "demo", "hardware list", "hardware show", "profile", "simulate",
-            "kernels compile", "bench kernels"} <= parsers.keys()
+            "plan", "kernels compile", "bench kernels"} <= parsers.keys()
     for name, parser in parsers.items():
         formatter = parser._get_formatter()
         assert parser.description, f"'offloadkit {name} --help' says nothing about the command"
@@ -268,7 +270,8 @@ def test_every_option_of_every_subcommand_is_described_with_its_default():
             if shown and action.option_strings:
                 assert "(default" in formatter._get_help_string(action), f"offloadkit {name} {flag}: default not shown"
     help_text = " ".join(parsers["simulate"].format_help().split())
-    assert "(default: 512)" in help_text and "(default: all-cpu)" in help_text and "(default: 0)" in help_text
+    assert "(default: 512)" in help_text and "(default: scheinfer; not with --plan)" in help_text
+    assert "(default: 0)" in help_text and "(default: none, the policy's plan)" in help_text
 
 
 def test_version_is_the_packages():

@@ -4,6 +4,7 @@ import io
 import json
 import pydoc_data.topics
 import re
+import time
 
 import pytest
 import torch
@@ -66,4 +67,30 @@ def test_run_demo_prints_breakdown_text_and_routing():
     assert "mixtral-8x7b" in text and "routed experts" in text
     assert "demo-mixtral" in text and f"measured on {cpu_model()}" in text
     assert "normalized entropy" in text
-    assert "plan ngl:" in text and "simulated on rtx4090-desktop" in text
+    assert "simulated on rtx4090-desktop" in text and "pp512+tg128" in text
+    table = text.split("x overall")[1].split("x phase:")[0]
+    for policy in ("scheinfer", "llamacpp", "fiddler", "ktransformers"):  # ScheInfer beside the three baselines
+        assert re.search(rf"^{policy} ", table, re.MULTILINE), policy
+    assert re.search(r"^llamacpp +llamacpp \(ngl:\d+\)", table, re.MULTILINE)
+    assert "What each plan keeps resident on the GPU" in text
+
+
+def test_demo_simulation_is_compare_policies_and_quick():
+    from offloadkit.demo import DEMO_POLICIES, run_simulation
+    from offloadkit.hardware.catalog import load_profile
+    from offloadkit.model.zoo import load_spec
+    from offloadkit.plan.plans import Workload
+    from offloadkit.runtime.compare import compare_policies
+
+    spec = load_spec("mixtral-8x7b")
+    out = io.StringIO()
+    start = time.perf_counter()
+    run_simulation(spec, out)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, f"the demo's simulated section took {elapsed:.1f} s"
+    c = compare_policies(spec, load_profile("rtx4090-desktop"), Workload(512, 128), "zipf:1.2",
+                         policies=DEMO_POLICIES)
+    for name in ("llamacpp", "fiddler", "ktransformers"):  # deterministic plans: the same figures as printed
+        run = c.runs[name]
+        line = next(x for x in out.getvalue().splitlines() if x.startswith(f"{name} "))
+        assert f"{c.tokens('decode') / run.seconds('decode'):.2f}" in line, name

@@ -110,6 +110,11 @@ def test_units_and_rates():
      '[gpu]\nname = "NVIDIA GeForce RTX 4090"\nmemory_gib = { value = 20.0', "exceeds gpu.memory_gib"),
     ('[link]\nname = "PCIe 4.0 x16"', '[wire]\nname = "PCIe 4.0 x16"', "unknown key wire"),
     ('name = "rtx4090-desktop"', 'name = "rtx4090-desktop', "not valid TOML"),
+    ("memory_gib = { value = 128.0", "memory_gib = { value = -128.0", "cpu.memory_gib must be positive (got -128)"),
+    ("memory_gib = { value = 128.0", "memory_gib = { value = 0", "cpu.memory_gib must be positive (got 0)"),
+    ("memory_gib = { value = 128.0", 'memory_gib = { value = "unknown"',
+     "cpu.memory_gib: value must be a finite number"),
+    ("memory_gib = { value = 128.0", "memory_gb = { value = 128.0", "unknown key cpu.memory_gb"),
 ])
 def test_bad_fields_name_the_field_and_the_file(tmp_path, old, new, message):
     path = edited_copy(tmp_path, "rtx4090-desktop", old, new)
@@ -117,6 +122,21 @@ def test_bad_fields_name_the_field_and_the_file(tmp_path, old, new, message):
         load_profile(path)
     assert message in str(e.value)
     assert str(e.value).startswith("rtx4090-desktop.toml: ")
+
+
+def test_host_memory_is_in_every_catalog_profile_and_optional_elsewhere(tmp_path):
+    for p in load_catalog():
+        # installed DIMMs: a whole number of GiB, more than the GPU's memory (the host holds what is offloaded)
+        assert p.cpu.memory_gib is not None and p.cpu.memory_gib == int(p.cpu.memory_gib), p.name
+        assert p.cpu.memory_gib > p.gpu.memory_gib and p.cpu.memory_bytes == int(p.cpu.memory_gib) * 2**30
+        assert "DIMM" in p.sources["cpu.memory_gib"] and "cpu.memory_gib" in p.figures()
+    path = edited_copy(tmp_path, "rtx4090-desktop", "memory_gib = { value = 128.0", "# memory_gib = { value = 128.0")
+    p = load_profile(path)  # a profile without it: the host's memory is unknown, not a guess
+    assert p.cpu.memory_gib is None and p.cpu.memory_bytes is None
+    assert "cpu.memory_gib" not in p.figures() and "gpu.memory_gib" in p.figures()
+    cpu_section = profile_to_toml(p).split("[cpu]")[1].split("[gpu]")[0]
+    assert "memory_gib" not in cpu_section  # written back absent, not as a number
+    assert read_profile(save_profile(p, tmp_path / "again.toml")) == p
 
 
 def test_gpu_without_link_is_refused(tmp_path):
@@ -176,6 +196,9 @@ def test_cpu_only_profile_round_trips(tmp_path):
     p = HardwareProfile(name="cpu-box", description="", cpu=CpuProfile("CPU", 2, 30.0, 0.1, 0.05, 5.0))
     back = read_profile(save_profile(p, tmp_path / "cpu-box.toml"))
     assert back == p and back.gpu is None and back.link is None and not back.has_gpu
+    with_memory = HardwareProfile(name="cpu-box", description="", cpu=CpuProfile("CPU", 2, 30.0, 0.1, 0.05, 5.0, 64.0))
+    back = read_profile(save_profile(with_memory, tmp_path / "cpu-box.toml"))
+    assert back == with_memory and back.cpu.memory_gib == 64.0
 
 
 # ---- curves ---------------------------------------------------------------------------------------

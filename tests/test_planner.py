@@ -33,8 +33,10 @@ from offloadkit.runtime.sim import simulate
 
 # ---- token assignment ----------------------------------------------------------------------------------
 
-def item_st(chunks: st.SearchStrategy[int], gpu: st.SearchStrategy[float] = st.floats(0, 0.5)
-            ) -> st.SearchStrategy[Item]:
+GPU_FASTER = st.floats(0, 0.5)
+
+
+def item_st(chunks: st.SearchStrategy[int], gpu: st.SearchStrategy[float] = GPU_FASTER) -> st.SearchStrategy[Item]:
     """A block's host rows with random prices; the GPU computes a streamed row in ``gpu`` x the time the
     link takes to deliver it (on every catalog profile the GPU is the faster: well under 0.5)."""
     return st.builds(lambda n, chunk, a, p, gr, fc, fs, fg: Item(n * chunk, chunk, a, p, gr * p, fc, fs, fg, 1),
@@ -151,7 +153,7 @@ def test_partition_is_within_two_percent_of_brute_force(arch, experts, fraction,
     hw = small_gpu(spec, w, fraction, hw)
     routing = SyntheticRouting(zipf, seed)
     chunk = 32
-    plan = partition(spec, hw, w, routing, chunk=chunk, polish_s=2.0)
+    plan = partition(spec, hw, w, routing, chunk=chunk, polish_evals=20000)
     cost = CostModel(hw, spec)
     counts = WorkloadCounts.of(spec, w, routing, plan.prefill_chunks(w.prompt_tokens))
     base, fixed = fixed_state(spec, hw, w, None, 2)

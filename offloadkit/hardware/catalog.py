@@ -11,7 +11,9 @@ optionally ``[curves.<kind>]`` tables. Every number is written in one of four fo
 
 ``peak`` needs an explicit ``effective`` fraction in (0, 1]; the loaded value is their product
 (62.4 above). ``total - reserve`` gives usable memory. A curve table holds ``tokens``,
-``seconds_per_param``, optionally ``params``, and a ``source``.
+``seconds_per_param``, optionally ``params``, and a ``source``. Every figure is required except
+``[cpu] memory_gib`` (the host's installed memory): without it the host's memory is unknown and no
+plan is refused for it; given, it must be positive and, in the catalog, sourced like any other.
 
 This module refuses: unknown keys (a typo must not silently fall back to nothing), missing fields,
 zero or negative rates, booleans or strings where numbers belong, and, for files of the catalog,
@@ -161,6 +163,8 @@ def _parse_section(section: str, cls: type, table: dict[str, Any], file: str, re
             continue
         dotted = f"{section}.{f.name}"
         if f.name not in table:
+            if f.default is None:  # an optional figure (cpu.memory_gib): unknown, and nothing is checked against it
+                continue
             raise ProfileError(f"{file}: {dotted} is missing")
         value, source, derivation = _parse_figure(table[f.name], dotted, file)
         if require_sources and not source:

@@ -70,7 +70,7 @@ def describe_profile(p: HardwareProfile) -> str:
             continue
         out += ["", f"[{section}] {part.name}"]
         for key, value in vars(part).items():
-            if key == "name":
+            if key == "name" or value is None:
                 continue
             dotted = f"{section}.{key}"
             shown = f"{value:g}" if isinstance(value, float) else str(value)

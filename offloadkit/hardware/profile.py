@@ -55,6 +55,9 @@ class CpuProfile:
 
     ``flops_bf16_tflops`` is the rate of bf16-*stored* weights widened to f32 for the arithmetic
     (docs/DESIGN.md section 10), which is what the CPU kernels do on CPUs without AVX-512 BF16.
+    ``memory_gib`` is the host's installed memory, or None where it is not known (a profile without it,
+    or one measured by the probe): then no plan is refused for the host's memory
+    (:func:`offloadkit.plan.host_memory.check_host_fits`).
     """
 
     name: str
@@ -63,6 +66,7 @@ class CpuProfile:
     flops_f32_tflops: float
     flops_bf16_tflops: float
     call_overhead_us: float
+    memory_gib: float | None = None
 
     def flop_rate(self, dtype: object) -> float:
         """FLOP/s for weights of ``dtype`` (float16 is widened like bfloat16)."""
@@ -76,6 +80,11 @@ class CpuProfile:
     @property
     def call_overhead_s(self) -> float:
         return self.call_overhead_us * US
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Installed host memory in bytes, or None where the profile does not say."""
+        return None if self.memory_gib is None else int(self.memory_gib * GIB)
 
 
 @dataclass(frozen=True)
@@ -256,14 +265,15 @@ class HardwareProfile:
         return self.curves.get(kind)
 
     def figures(self) -> dict[str, float | int]:
-        """Every numeric field by dotted name, in the order of the dataclasses."""
+        """Every numeric field by dotted name, in the order of the dataclasses (an optional figure the
+        profile does not give, such as an unknown ``cpu.memory_gib``, is left out)."""
         out: dict[str, float | int] = {}
         for section in ("cpu", "gpu", "link"):
             part = getattr(self, section)
             if part is None:
                 continue
             for key, value in vars(part).items():
-                if key != "name":
+                if key != "name" and value is not None:
                     out[f"{section}.{key}"] = value
         return out
 

@@ -74,7 +74,7 @@ def profile_to_toml(profile: HardwareProfile) -> str:
             continue
         lines += ["", f"[{section}]", f"name = {toml_string(part.name)}"]
         for key, value in vars(part).items():
-            if key == "name":
+            if key == "name" or value is None:  # an optional figure the profile does not give stays absent
                 continue
             dotted = f"{section}.{key}"
             rendered = _figure(value, profile.sources.get(dotted), profile.derivations.get(dotted))

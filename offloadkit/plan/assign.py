@@ -47,6 +47,8 @@ DEFAULT_CHUNK = 128
 PAIR_PASS_MAX = 10
 #: Steps whose blocks have at most this many possible splits in all are searched exhaustively.
 EXACT_MAX = 4096
+#: A block of at most this many chunks is coarse: a split with one is searched exhaustively (when small).
+COARSE_CHUNKS = 8
 #: Kernel launches (GPU) or calls (CPU) of a slice of each block kind; the step builder uses the same table.
 SLICE_LAUNCHES = {"attn_qkv": 3, "attn_o": 1, "expert": 3, "shared_expert": 3, "ffn": 3, "lm_head": 1}
 BARRIER_KINDS = ("attn_qkv", "attn_o", "ffn")
@@ -102,22 +104,28 @@ def balance(items: Sequence[Item], base: tuple[float, float, float] = (0.0, 0.0,
     n = len(items)
     if n == 0:
         return []
-    if math.prod(min(it.host // it.chunk + 2, EXACT_MAX + 1) for it in items) <= EXACT_MAX:
-        # few chunks: the split is a small knapsack, where no greedy is safe; search it
+    coarse = any(it.host <= COARSE_CHUNKS * it.chunk for it in items)
+    if coarse and math.prod(min(it.host // it.chunk + 2, EXACT_MAX + 1) for it in items) <= EXACT_MAX:
+        # blocks of a few chunks: the split is a small knapsack, where no greedy is safe; search it
         return exact_split(items, base)
     # Which blocks stream first: the most CPU time saved per second of link (a / p), per second of GPU
     # (a / g), or of a mix of both; with one lane binding beside the CPU one order is optimal, with both
     # none is (the weights of the mix are the LP's duals, unknown here), so a few are tried and the best
     # split kept, then repaired by the moves of _polish.
     best: tuple[float, list[int]] | None = None
-    for cost in (lambda it: it.p, lambda it: it.g, lambda it: it.p + it.g, lambda it: it.p + 3 * it.g,
-                 lambda it: 3 * it.p + it.g):
-        streamed = _prefix_split(items, base, cost)
-        v = layer_objective(items, streamed, base)
+    for k, cost in enumerate((lambda it: it.p, lambda it: it.g, lambda it: it.p + it.g, lambda it: it.p + 3 * it.g,
+                              lambda it: 3 * it.p + it.g)):
+        streamed, lower = _prefix_split(items, base, cost)
+        c, h, g = lane_loads(items, streamed, base)
+        v = max(c, h, g)
         if best is None or v < best[0] - 1e-15:
             best = (v, streamed)
+        if k == 0 and g < max(c, h):  # the GPU does not bind: a / p is the order (the usual case)
+            if not coarse and v <= 1.005 * lower:  # within 0.5% of the two-lane optimum: single moves left
+                return _polish(items, streamed, base, thorough=False, pairs=False)
+            break
     assert best is not None
-    return _polish(items, best[1], base)
+    return _polish(items, best[1], base, thorough=coarse)
 
 
 def _pair_search(items: Sequence[Item], streamed: list[int], loads: tuple[float, float, float], best: float,
@@ -128,7 +136,10 @@ def _pair_search(items: Sequence[Item], streamed: list[int], loads: tuple[float,
     first block's chunks (the best time for a given first split is convex in it), the second block set
     at the chunk where the CPU meets the busier other lane. First improvement is applied."""
     c, h, g = loads
+    partial = [k for k, it in enumerate(items) if 0 < streamed[k] < it.host]
     for i, j in itertools.permutations(range(len(items)), 2):
+        if i not in partial and j not in partial:  # an optimum moves a partly streamed block
+            continue
         a, b = items[i], items[j]
         pi, pj = part(a, streamed[i]), part(b, streamed[j])
         rest = (c - pi[0] - pj[0], h - pi[1] - pj[1], g - pi[2] - pj[2])
@@ -181,25 +192,29 @@ def _argmin_pair(best_j: Callable[[int], tuple[float, int]], opts: list[int], lo
 
 
 def exact_split(items: Sequence[Item], base: tuple[float, float, float]) -> list[int]:
-    """The best split by exhaustive search, vectorised over every combination of the items' options."""
-    opts = [np.asarray(it.options()) for it in items]
+    """The best split by exhaustive search: a plain loop for a few combinations, else vectorised."""
+    opts = [it.options() for it in items]
+    if math.prod(len(o) for o in opts) <= 64:
+        return list(min(itertools.product(*opts), key=lambda s: layer_objective(items, s, base)))
     shape = [len(o) for o in opts]
-    lanes = []
-    for lane, b0 in enumerate(base):
-        total = np.full(shape, b0)
-        for i, (it, o) in enumerate(zip(items, opts, strict=True)):
-            load = np.array([(it.fc + (it.host - s) * it.a if s < it.host else 0.0, it.fs + s * it.p if s else 0.0,
-                              it.fg + s * it.g if s else 0.0)[lane] for s in o])
-            total = total + load.reshape([-1 if d == i else 1 for d in range(len(items))])
-        lanes.append(total)
-    best = np.unravel_index(int(np.argmin(np.maximum(np.maximum(lanes[0], lanes[1]), lanes[2]))), shape)
+    totals = [np.full(shape, float(b0)) for b0 in base]
+    for i, (it, o) in enumerate(zip(items, opts, strict=True)):
+        s = np.asarray(o, dtype=np.float64)
+        loads = (np.where(s < it.host, it.fc + (it.host - s) * it.a, 0.0), np.where(s > 0, it.fs + s * it.p, 0.0),
+                 np.where(s > 0, it.fg + s * it.g, 0.0))
+        view = [-1 if d == i else 1 for d in range(len(items))]
+        for lane in range(3):
+            totals[lane] = totals[lane] + loads[lane].reshape(view)
+    best = np.unravel_index(int(np.argmin(np.maximum(np.maximum(totals[0], totals[1]), totals[2]))), shape)
     return [int(o[k]) for o, k in zip(opts, best, strict=True)]
 
 
 def _prefix_split(items: Sequence[Item], base: tuple[float, float, float],
-                  stream_cost: Callable[[Item], float]) -> list[int]:
+                  stream_cost: Callable[[Item], float]) -> tuple[list[int], float]:
     """Stream a prefix of the blocks ordered by ``a / stream_cost`` (then most tokens first) and split one
-    boundary block at the chunk where the CPU meets the busier of the link and the GPU."""
+    boundary block at the chunk where the CPU meets the busier of the link and the GPU. Also returns the
+    best time with the boundary block split at any row (no chunk rounding): with the GPU lane idle and
+    the order ``a / p`` that is a lower bound on every split (the two-lane LP's optimum)."""
     n = len(items)
     order = sorted(range(n), key=lambda i: (-(items[i].a / stream_cost(items[i])) if stream_cost(items[i]) > 0
                                             else -math.inf, -items[i].tokens, i))
@@ -207,12 +222,16 @@ def _prefix_split(items: Sequence[Item], base: tuple[float, float, float],
     cpu = c0 + sum(it.fc + it.host * it.a for it in items)
     h2d, gpu = h0, g0
     best_val, best_k, best_s = max(cpu, h2d, gpu), 0, 0
+    lower = best_val
     for k, i in enumerate(order):
         it = items[i]
         cj = cpu - it.fc - it.host * it.a  # the other items' loads, block i out
         full = cj + it.fc + it.host * it.a
         s1 = (full - h2d - it.fs) / (it.a + it.p) if it.a + it.p > 0 else it.host
         s2 = (full - gpu - it.fg) / (it.a + it.g) if it.a + it.g > 0 else it.host
+        cont = max(0.0, min(s1, s2, it.host))  # the continuous balance point: no chunk rounding
+        c = cj + it.fc + (it.host - cont) * it.a
+        lower = min(lower, max(c, h2d + it.fs + cont * it.p, gpu + it.fg + cont * it.g))
         for s in {0, it.host, *_aligned(max(0.0, min(s1, s2)), it)}:
             c = cj + (it.fc + (it.host - s) * it.a if s < it.host else 0.0)
             h = h2d + (it.fs + s * it.p if s else 0.0)
@@ -225,10 +244,11 @@ def _prefix_split(items: Sequence[Item], base: tuple[float, float, float],
     for k in range(best_k):
         streamed[order[k]] = items[order[k]].host
     streamed[order[best_k]] = best_s
-    return streamed
+    return streamed, lower
 
 
-def _polish(items: Sequence[Item], streamed: list[int], base: tuple[float, float, float]) -> list[int]:
+def _polish(items: Sequence[Item], streamed: list[int], base: tuple[float, float, float],
+            thorough: bool = True, pairs: bool = True) -> list[int]:
     """One-chunk moves (and whole-block flips) while they lower the busiest lane, then, for a few blocks,
     moves of two blocks at once; at most a few passes. The lane loads are updated by each move's
     difference, so a pass of single moves costs O(items)."""
@@ -260,9 +280,10 @@ def _polish(items: Sequence[Item], streamed: list[int], base: tuple[float, float
                     best, cur, improved = v, s, True
                     c, h, g = nc, nh, ng
             streamed[i] = cur
-        if not improved and len(items) <= PAIR_PASS_MAX:
+        # moves of two blocks at once, where they can matter: coarse blocks, or the GPU lane binding
+        if not improved and len(items) <= PAIR_PASS_MAX and (thorough or g >= max(c, h)):
             improved, c, h, g, best = _pair_pass(items, streamed, (c, h, g), best, part)
-        if not improved and len(items) <= PAIR_PASS_MAX:
+        if not improved and pairs and len(items) <= PAIR_PASS_MAX:
             improved, c, h, g, best = _pair_search(items, streamed, (c, h, g), best, part)
         if not improved:
             break
@@ -365,17 +386,6 @@ class TokenAssigner:
         return hit
 
     # ---- decisions ------------------------------------------------------------------------------------
-
-    def _decide(self, items: list[Item], tokens: list[int], op_tokens: int,
-                base: tuple[float, float, float]) -> list[int]:
-        if self.rule == "cpu" or not self.cost.has_gpu:
-            return [0] * len(items)
-        if self.rule == "threshold":
-            go = self.plan.stream_min_tokens is not None and op_tokens >= self.plan.stream_min_tokens
-            return [it.host if go else 0 for it in items]
-        if self.rule == "fiddler":
-            return [0] * len(items)
-        return balance(items, base)
 
     def dense(self, layer: int, n: int) -> dict[str, int]:
         """Streamed rows of the layer's attention projections and dense FFN at a step of ``n`` tokens,

@@ -20,13 +20,13 @@ the cost model, subject to GPU memory (docs/DESIGN.md section 5). offloadkit's f
 3. **Rounding and repair**: ``x`` rounded down to the row chunk, the memory left filled chunk by
    chunk in the order of what the LP wanted, then one-chunk moves kept while they lower
    :func:`expected_time` (the assigner run on the workload's actual routing, layer by layer), within
-   ``polish_s`` seconds. Tests hold the result within 2% of exhaustive search on small instances.
+   ``polish_evals`` layer-step estimates (a count, not a clock: the plan does not depend on the
+   machine's load). Tests hold the result within 2% of exhaustive search on small instances.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -253,18 +253,38 @@ def _round(spec: ModelSpec, x: dict[str, float], chunk: int, budget: float) -> d
     return gg
 
 
+class _Evals:
+    """A budget of cost evaluations for the repair moves: a count, not a clock, so a plan does not depend
+    on how busy the machine was."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def spend(self, units: int = 1) -> None:
+        self.left -= units
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left <= 0
+
+
 def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts, chunk: int, budget: float,
-            seconds: float, pinned: set[str] = frozenset()) -> dict[str, int]:
-    """Moves kept while they lower :func:`expected_time`, until none does or ``seconds`` run out: a block takes
-    one more chunk or all it lacks, from free memory or from another block giving one chunk or all it holds
-    (whole-block moves matter where per-slice overheads make a half-resident block worse than none). Blocks
-    in ``pinned`` stay resident: the budget assumed so (a resident lm_head needs no staging buffer)."""
-    deadline = time.perf_counter() + seconds
+            evals: int, pinned: set[str] = frozenset()) -> dict[str, int]:
+    """Moves kept while they lower :func:`expected_time`, until none does or ``evals`` layer-step estimates
+    are spent: a block takes one more chunk or all it lacks, from free memory or from another block
+    giving one chunk or all it holds (whole-block moves matter where per-slice overheads make a
+    half-resident block worse than none). Blocks in ``pinned`` stay resident: the budget assumed so (a
+    resident lm_head needs no staging buffer)."""
+    deadline = _Evals(evals)
     blocks = splittable(spec)
     gg = dict(plan.gg_rows)
     layer_of = {b.name: b.layer for b in blocks}
 
+    weight = {layer: len(layer_patterns(counts, layer)) for layer in range(spec.n_layers)}
+    weight[None] = 1
+
     def cost_of(layers: set) -> float:
+        deadline.spend(sum(weight[x] for x in layers))  # in layer-step estimates: what an estimate costs
         p = Plan(plan.policy, gg, plan.kv_on_gpu, assign=plan.assign, staging_buffers=plan.staging_buffers,
                  ubatch=plan.ubatch, meta=plan.meta)
         lays = [x for x in layers if x is not None]
@@ -279,7 +299,7 @@ def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts
 
     used = sum(nbytes(b, gg.get(b.name, 0)) for b in blocks)
     improved = True
-    while improved and time.perf_counter() < deadline:
+    while improved and not deadline.exhausted:
         improved = False
         holders = [i for i in blocks if gg.get(i.name, 0) > 0 and i.name not in pinned]
         for j in blocks:
@@ -289,7 +309,7 @@ def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts
             # the receiver takes one chunk or all it lacks; a donor gives one chunk or all it holds
             for step_j in sorted({min(min(chunk, j.rows), room), room}):
                 for i in [None, *holders]:
-                    if time.perf_counter() > deadline:
+                    if deadline.exhausted:
                         break
                     if i is j or (i is not None and gg.get(i.name, 0) <= 0):
                         continue
@@ -319,7 +339,7 @@ def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts
                     break
             if improved:
                 break
-        if not improved and time.perf_counter() < deadline:
+        if not improved and not deadline.exhausted:
             improved, used = _drop_and_refill([b for b in blocks if b.name not in pinned], gg, used, budget, chunk,
                                               nbytes, cost_of, layer_of, deadline)
     return gg
@@ -327,7 +347,7 @@ def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts
 
 def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budget: float, chunk: int,
                      nbytes: Callable[[Block, int], float], cost_of: Callable[[set], float],
-                     layer_of: dict[str, int | None], deadline: float) -> tuple[bool, float]:
+                     layer_of: dict[str, int | None], deadline: _Evals) -> tuple[bool, float]:
     """Empty one resident block (then, if that never helps, two) and refill the memory they free,
     greedily by time saved per byte or outright (a chunk or a whole block at a time); keep the result if
     the workload got faster. Escapes the local optima of single moves: one large block worth less than two
@@ -336,11 +356,10 @@ def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budge
     drops = [(b,) for b in holders] + list(itertools.combinations(holders, 2))
     for dropped in drops:
         for per_byte in (True, False):  # refill by time saved per byte, or by time saved outright
-            if time.perf_counter() > deadline:
+            if deadline.exhausted:
                 return False, used
             saved = dict(gg)
             free = budget - used + sum(nbytes(d, gg[d.name]) for d in dropped)
-            before_all = cost_of({layer_of[b.name] for b in blocks})
             for d in dropped:
                 gg[d.name] = 0
             while True:
@@ -349,7 +368,7 @@ def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budge
                     room = j.rows - gg.get(j.name, 0)
                     if j in dropped or room <= 0:
                         continue
-                    if time.perf_counter() > deadline:
+                    if deadline.exhausted:
                         gg.clear()
                         gg.update(saved)
                         return False, used
@@ -368,7 +387,14 @@ def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budge
                 _, j, step = best
                 gg[j.name] = gg.get(j.name, 0) + step
                 free -= nbytes(j, step)
-            if cost_of({layer_of[b.name] for b in blocks}) < before_all * (1 - 1e-9):
+            touched = {layer_of[b.name] for b in blocks if gg.get(b.name, 0) != saved.get(b.name, 0)}
+            after = cost_of(touched)
+            trial = dict(gg)
+            gg.clear()
+            gg.update(saved)
+            if after < cost_of(touched) * (1 - 1e-9):
+                gg.clear()
+                gg.update(trial)
                 return True, budget - free
             gg.clear()
             gg.update(saved)
@@ -377,7 +403,7 @@ def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budge
 
 def partition(spec: ModelSpec, profile: object, workload: Workload, routing: Routing | str | None = None, *,
               chunk: int = DEFAULT_CHUNK, staging_buffers: int = 2, ubatch: int | None = None,
-              polish_s: float = 0.3, seed: int = 0) -> Plan:
+              polish_evals: int = 3000, seed: int = 0) -> Plan:
     """The ScheInfer plan of ``spec`` on ``profile`` for ``workload``; see the module docstring."""
     routing = parse_routing(routing, seed) if routing is None or isinstance(routing, str) else routing
     cost = CostModel(profile, spec)  # type: ignore[arg-type]
@@ -415,8 +441,8 @@ def partition(spec: ModelSpec, profile: object, workload: Workload, routing: Rou
                     plan, budget, pinned = wider, budget2, set(big)
             except PlanError:
                 pass
-    if polish_s > 0:
-        polished = _polish(spec, plan, cost, counts, chunk, budget, polish_s, pinned)
+    if polish_evals > 0:
+        polished = _polish(spec, plan, cost, counts, chunk, budget, polish_evals, pinned)
         plan = Plan("scheinfer", {k: v for k, v in polished.items() if v}, base.kv_on_gpu, label="scheinfer",
                     assign="balance", staging_buffers=staging_buffers, ubatch=ubatch, meta=meta)
     check_fits(plan, spec, profile, workload)  # the budget's accounting is gpu_bytes_breakdown's: a bug if not

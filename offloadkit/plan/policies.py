@@ -37,6 +37,7 @@ import numpy as np
 
 from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
+from offloadkit.plan.host_memory import check_host_fits
 from offloadkit.plan.partition import WorkloadCounts, partition, splittable, with_gg
 from offloadkit.plan.plans import (
     Plan,
@@ -172,7 +173,9 @@ def make_plan(policy: str, spec: ModelSpec, profile: object, workload: Workload,
     """The plan of ``policy`` (one of :data:`POLICIES`); unknown names are refused, naming the policies."""
     if policy not in BUILDERS:
         raise PlanError(f"unknown policy {policy!r}: the policies are {', '.join(POLICIES)}")
-    return BUILDERS[policy](spec, profile, workload, routing)
+    plan = BUILDERS[policy](spec, profile, workload, routing)
+    check_host_fits(plan, spec, profile, workload)  # the host must hold what the GPU does not
+    return plan
 
 
 __all__ = ["BASELINES", "BUILDERS", "POLICIES", "cpu_only", "fiddler", "gpu_only", "ktransformers", "llamacpp",

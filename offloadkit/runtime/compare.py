@@ -139,7 +139,7 @@ def compare_policies(spec: ModelSpec, profile: Any, workload: Workload, routing:
     for name in policies:
         try:
             if quick and name == "scheinfer":
-                plan = partition(spec, profile, workload, routing, polish_s=0.0)
+                plan = partition(spec, profile, workload, routing, polish_evals=0)
             else:
                 plan = make_plan(name, spec, profile, workload, routing)
             runs[name] = PolicyRun(name, plan, simulate(spec, profile, plan, sim_w, routing, record=False,

@@ -1,0 +1,96 @@
+"""How long the plan tuner of chapter 06 takes to redraw after a control changes, against the 200 ms target.
+
+    python benchmarks/widget_redraw.py [--model mixtral-8x7b] [--profile rtx4090-desktop] [--rounds 2] [--breakdown]
+
+A redraw (:meth:`offloadkit.viz.plan_tuner.PlanTuner._update`) re-plans and re-simulates scheinfer,
+llamacpp, fiddler and ktransformers on the what-if profile (``compare_policies(quick=True)``), computes
+the bounds, and updates three FigureWidgets in place. This script builds the tuner once, then changes
+one control at a time through a fixed cycle (each a real change: GPU memory, PCIe generation, DRAM
+bandwidth, prompt, generation, routing skew), ``--rounds`` times, and reports the mean ± sd of the
+redraw time and of its compute part. Times are **measured** on this machine (named in the output), with
+no browser attached (a browser adds the widget messages' round trip); the tokens/s inside the figures
+are **simulated**. ``--breakdown`` also times each policy's plan + simulation and the bounds alone,
+to show where a redraw's time goes. It is not a test: a loaded machine measures slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from offloadkit.hardware.machine import machine_label
+from offloadkit.plan.bounds import workload_bounds
+from offloadkit.runtime.compare import compare_policies
+from offloadkit.viz.plan_tuner import HAS_QUICK, TUNED_POLICIES, PlanTuner
+
+TARGET_S = 0.2
+#: One round of control changes; each differs from the state before it, and the round ends where it began.
+CHANGES: list[dict[str, object]] = [
+    {"gpu_gib": 16}, {"gpu_gib": 32}, {"gpu_gib": 23},
+    {"pcie_gen": 3}, {"pcie_gen": 5}, {"pcie_gen": 4},
+    {"dram_gbps": 40}, {"dram_gbps": 120}, {"dram_gbps": 62.4},
+    {"prompt_tokens": 256}, {"prompt_tokens": 1024}, {"prompt_tokens": 512},
+    {"gen_tokens": 64}, {"gen_tokens": 256}, {"gen_tokens": 128},
+    {"zipf": 0.0}, {"zipf": 2.0}, {"zipf": 1.2},
+]
+
+
+def _mean_sd(xs: list[float]) -> str:
+    return f"{statistics.mean(xs) * 1e3:6.0f} ± {statistics.stdev(xs) * 1e3:4.0f} ms" if len(xs) > 1 else \
+        f"{xs[0] * 1e3:6.0f} ms"
+
+
+def breakdown(tuner: PlanTuner, repeats: int = 3) -> None:
+    """Best-of-``repeats`` seconds of each policy's plan + simulation, and of the bounds, in the tuner's state."""
+    profile, workload, routing = tuner.what_if_profile(), tuner.workload(), tuner.routing()
+    kw = {"quick": True} if tuner.quick else {}
+    print(f"\nwhere a redraw goes (best of {repeats}, measured), on {profile.name} · {workload.label} · {routing}:")
+    for policy in TUNED_POLICIES:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            compare_policies(tuner.spec, profile, workload, routing, policies=(policy,), with_bounds=False, **kw)
+            times.append(time.perf_counter() - t0)
+        print(f"  {policy:<14} plan + simulate {min(times) * 1e3:6.0f} ms")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        workload_bounds(tuner.spec, profile, workload, routing)
+        times.append(time.perf_counter() - t0)
+    print(f"  {'bounds':<14} two LPs         {min(times) * 1e3:6.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--profile", default="rtx4090-desktop")
+    parser.add_argument("--rounds", type=int, default=2, help="times through the cycle of control changes")
+    parser.add_argument("--breakdown", action="store_true", help="also time each policy and the bounds alone")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    tuner = PlanTuner(args.model, args.profile)
+    first = time.perf_counter() - t0
+    redraw, compute = [], []
+    for _ in range(args.rounds):
+        for change in CHANGES:
+            tuner.set(**change)
+            redraw.append(tuner.last_redraw_s)
+            compute.append(tuner.last_compute_s)
+    print(f"plan tuner redraw, {tuner.spec.name} on {args.profile} (what-ifs of it), "
+          f"compare_policies(quick={tuner.quick}){'' if HAS_QUICK else ' (this version has no quick mode)'}")
+    print(f"measured on {machine_label()}, no browser attached")
+    print(f"  first draw (load the model, build the widgets) {first:6.2f} s")
+    print(f"  redraw after a control change   {_mean_sd(redraw)}   (n = {len(redraw)}, "
+          f"min {min(redraw) * 1e3:.0f}, max {max(redraw) * 1e3:.0f} ms)")
+    print(f"    of which plan + simulate + bounds {_mean_sd(compute)}")
+    print(f"    of which updating the figures     {_mean_sd([r - c for r, c in zip(redraw, compute, strict=True)])}")
+    verdict = "meets" if statistics.mean(redraw) < TARGET_S else "misses"
+    print(f"target: < {TARGET_S * 1e3:.0f} ms per redraw — {verdict} it (mean, measured)")
+    if args.breakdown:
+        breakdown(tuner)
+
+
+if __name__ == "__main__":
+    main()
