@@ -44,12 +44,13 @@ from offloadkit.hardware.catalog import catalog_names, load_profile
 from offloadkit.hardware.machine import machine_label
 from offloadkit.model.spec import ModelSpec
 from offloadkit.model.zoo import load_spec
-from offloadkit.plan.assign import EXACT_MAX, TokenAssigner, balance
+from offloadkit.plan.assign import TokenAssigner
 from offloadkit.plan.costmodel import CostModel
 from offloadkit.plan.partition import partition
 from offloadkit.plan.plans import Plan, Workload
 from offloadkit.plan.policies import make_plan
 from offloadkit.plan.routing import Routing, parse_routing
+from offloadkit.plan.split_search import EXACT_MAX, balance
 from offloadkit.plan.trace_tiling import TiledTrace
 from offloadkit.runtime.sim import simulate
 
@@ -210,7 +211,7 @@ def balance_breakdown(cases: list[tuple[str, ModelSpec, Plan, CostModel, list]])
     """Where balance() spends its time: per kind of problem (a barrier block alone, or the experts of a
     layer), number of items, and whether the split is small enough for the exhaustive search."""
     print(f"\n    balance() by problem, warm prices (measured): 'exhaustive' where the product of the items' "
-          f"options is <= {EXACT_MAX} (assign.EXACT_MAX)")
+          f"options is <= {EXACT_MAX} (split_search.EXACT_MAX)")
     print(f"    {'case':<34} {'problem':<10} {'items':>5} {'search':<11} {'calls':>6} {'µs each':>9} {'share':>6}")
     for label, spec, plan, cost, calls in cases:
         a = TokenAssigner(spec, plan, cost)

@@ -42,7 +42,9 @@ from offloadkit.model.writer import make_config, random_weights
 from offloadkit.model.zoo import load_spec
 from offloadkit.plan.bounds import workload_bounds
 from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.partition import WorkloadCounts, expected_time, fixed_state, partition, solve_lp, splittable
+from offloadkit.plan.estimate import WorkloadCounts, expected_time
+from offloadkit.plan.partition import fixed_state, partition, solve_lp
+from offloadkit.plan.plans import splittable
 from offloadkit.plan.plans import Workload, gpu_bytes_breakdown
 from offloadkit.plan.policies import make_plan
 from offloadkit.plan.routing import parse_routing
@@ -157,7 +159,7 @@ for kind, (held, total) in by_kind.items():
 #
 # ### 3c. Rounding, and 3d. polish
 #
-# Rows come in chunks of 128 (kernels stay efficient on whole tiles), so `x` is rounded down to the chunk and the memory left is refilled in the order of what the LP wanted. Then **polish**: one-chunk moves (a block takes a chunk from free memory or from another block) are kept while they lower `expected_time`, the token assigner's own estimate run on the workload's actual routing, step by step (`polish_evals` bounds how many estimates it may make: a count, not a clock, so the plan does not depend on the machine's load). Last, `make_plan("scheinfer", ...)` also starts the same search from the baselines' placements and keeps the best simulated plan.
+# Rows come in chunks of 128 (kernels stay efficient on whole tiles), so `x` is rounded down to the chunk and the memory left is refilled in the order of what the LP wanted. Then **repair** (`offloadkit.plan.repair`): moves (a block takes a chunk or all it lacks, from free memory or from another block) are kept while they lower `expected_time`, the token assigner's own estimate run on the workload's actual routing, step by step (`polish_evals` bounds how many estimates it may make: a count, not a clock, so the plan does not depend on the machine's load). Last, `make_plan("scheinfer", ...)` also starts the same search from the baselines' placements and keeps the best simulated plan.
 
 # %%
 stages = {

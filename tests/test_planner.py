@@ -22,13 +22,15 @@ from offloadkit.errors import PlanError
 from offloadkit.hardware.catalog import load_profile
 from offloadkit.model.reference import ReferenceModel
 from offloadkit.model.zoo import load_spec
-from offloadkit.plan.assign import Item, TokenAssigner, balance, exact_split, layer_objective
+from offloadkit.plan.assign import TokenAssigner
 from offloadkit.plan.bounds import workload_bounds
 from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.partition import WorkloadCounts, expected_time, fixed_state, partition, splittable
-from offloadkit.plan.plans import Plan, Workload, gpu_bytes, gpu_bytes_breakdown, llamacpp_plan
+from offloadkit.plan.estimate import WorkloadCounts, expected_time
+from offloadkit.plan.partition import fixed_state, partition
+from offloadkit.plan.plans import Plan, Workload, gpu_bytes, gpu_bytes_breakdown, llamacpp_plan, splittable
 from offloadkit.plan.policies import BASELINES, POLICIES, fiddler, make_plan, scheinfer
 from offloadkit.plan.routing import SyntheticRouting
+from offloadkit.plan.split_search import Item, balance, exact_split, layer_objective
 from offloadkit.runtime.sim import simulate
 
 # ---- token assignment ----------------------------------------------------------------------------------

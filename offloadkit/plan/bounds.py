@@ -33,8 +33,8 @@ from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
 from offloadkit.plan.assign import TokenAssigner
 from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.partition import WorkloadCounts, splittable
-from offloadkit.plan.plans import Plan, Workload, plan_blocks
+from offloadkit.plan.estimate import WorkloadCounts
+from offloadkit.plan.plans import Plan, Workload, plan_blocks, splittable
 from offloadkit.plan.routing import Routing, parse_routing
 
 BOUND_LANES = ("cpu", "h2d", "gpu")

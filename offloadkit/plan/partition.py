@@ -26,8 +26,6 @@ the cost model, subject to GPU memory (docs/DESIGN.md section 5). offloadkit's f
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,67 +36,19 @@ from offloadkit.errors import PlanError
 from offloadkit.model.spec import Block, ModelSpec
 from offloadkit.plan.assign import DEFAULT_CHUNK, TokenAssigner
 from offloadkit.plan.costmodel import CostModel
-from offloadkit.plan.plans import Plan, Workload, check_fits, gpu_bytes_breakdown, head_block, plan_blocks, units
+from offloadkit.plan.estimate import WorkloadCounts
+from offloadkit.plan.plans import (
+    Plan,
+    Workload,
+    check_fits,
+    gpu_bytes_breakdown,
+    head_block,
+    plan_blocks,
+    splittable,
+    units,
+)
+from offloadkit.plan.repair import repair
 from offloadkit.plan.routing import Routing, parse_routing
-
-
-@dataclass
-class WorkloadCounts:
-    """The tokens per expert of every step of a workload: ``prefill`` [chunks, L, E], ``decode`` [G, L, E]."""
-
-    chunks: list[int]
-    batch: int
-    prefill: np.ndarray
-    decode: np.ndarray
-
-    @classmethod
-    def of(cls, spec: ModelSpec, workload: Workload, routing: Routing, chunks: Sequence[int]) -> WorkloadCounts:
-        b = workload.batch
-        steps = [c * b for c in chunks] + [b] * workload.gen_tokens
-        counts = (routing.step_counts(spec, steps) if spec.is_moe
-                  else np.zeros((len(steps), spec.n_layers, 0), dtype=np.int64))
-        return cls(list(chunks), b, counts[:len(chunks)], counts[len(chunks):])
-
-    def expert_share(self) -> list[list[float]]:
-        """Per layer, the expected tokens of each expert per token of a step (a row sums to top_k)."""
-        total = np.concatenate([self.prefill, self.decode]).sum(axis=0).astype(np.float64)
-        tokens = self.batch * (sum(self.chunks) + len(self.decode))
-        return (total / max(tokens, 1)).round(6).tolist()
-
-    def steps(self) -> list[tuple[int, np.ndarray, int]]:
-        """Distinct (tokens, counts [L, E], multiplicity) of the workload's steps."""
-        seen: dict[tuple, list] = {}
-        for n, c in [(c * self.batch, self.prefill[i]) for i, c in enumerate(self.chunks)] + \
-                [(self.batch, d) for d in self.decode]:
-            key = (n, c.tobytes())
-            if key in seen:
-                seen[key][2] += 1
-            else:
-                seen[key] = [n, c, 1]
-        return [tuple(v) for v in seen.values()]  # type: ignore[misc]
-
-
-def layer_patterns(counts: WorkloadCounts, layer: int) -> list[tuple[int, tuple[int, ...], int]]:
-    """Distinct (tokens, expert counts of ``layer``, multiplicity) over the workload's steps."""
-    seen: dict[tuple[int, tuple[int, ...]], int] = {}
-    for n, c, m in counts.steps():
-        key = (n, tuple(int(x) for x in c[layer]) if c.shape[1] else ())
-        seen[key] = seen.get(key, 0) + m
-    return [(n, c, m) for (n, c), m in seen.items()]
-
-
-def expected_time(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts,
-                  layers: Sequence[int] | None = None) -> float:
-    """The planner's estimate of the workload's weight time: per step and layer, the busiest lane of the
-    token assignment's split (:meth:`TokenAssigner.layer_time`), summed; plus the lm_head per step."""
-    a = TokenAssigner(spec, plan, cost)
-    total = 0.0
-    for layer in (range(spec.n_layers) if layers is None else layers):
-        for n, c, m in layer_patterns(counts, layer):
-            total += m * a.layer_time(layer, n, c)
-    if layers is None:
-        total += (len(counts.chunks) + len(counts.decode)) * max(a.head_loads(counts.batch))
-    return total
 
 
 @dataclass(frozen=True)
@@ -112,11 +62,6 @@ class Fixed:
     @property
     def budget(self) -> int:
         return self.usable - sum(self.breakdown.values())
-
-
-def splittable(spec: ModelSpec) -> list[Block]:
-    """The blocks the partition sizes: every row-split block of the layers, and the lm_head."""
-    return [b for b in plan_blocks(spec) if b.rows and b.kind != "embed"]
 
 
 def fixed_state(spec: ModelSpec, profile: object, workload: Workload, ubatch: int | None,
@@ -253,154 +198,6 @@ def _round(spec: ModelSpec, x: dict[str, float], chunk: int, budget: float) -> d
     return gg
 
 
-class _Evals:
-    """A budget of cost evaluations for the repair moves: a count, not a clock, so a plan does not depend
-    on how busy the machine was."""
-
-    def __init__(self, n: int) -> None:
-        self.left = n
-
-    def spend(self, units: int = 1) -> None:
-        self.left -= units
-
-    @property
-    def exhausted(self) -> bool:
-        return self.left <= 0
-
-
-def _polish(spec: ModelSpec, plan: Plan, cost: CostModel, counts: WorkloadCounts, chunk: int, budget: float,
-            evals: int, pinned: set[str] = frozenset()) -> dict[str, int]:
-    """Moves kept while they lower :func:`expected_time`, until none does or ``evals`` layer-step estimates
-    are spent: a block takes one more chunk or all it lacks, from free memory or from another block
-    giving one chunk or all it holds (whole-block moves matter where per-slice overheads make a
-    half-resident block worse than none). Blocks in ``pinned`` stay resident: the budget assumed so (a
-    resident lm_head needs no staging buffer)."""
-    deadline = _Evals(evals)
-    blocks = splittable(spec)
-    gg = dict(plan.gg_rows)
-    layer_of = {b.name: b.layer for b in blocks}
-
-    weight = {layer: len(layer_patterns(counts, layer)) for layer in range(spec.n_layers)}
-    weight[None] = 1
-
-    def cost_of(layers: set) -> float:
-        deadline.spend(sum(weight[x] for x in layers))  # in layer-step estimates: what an estimate costs
-        p = Plan(plan.policy, gg, plan.kv_on_gpu, assign=plan.assign, staging_buffers=plan.staging_buffers,
-                 ubatch=plan.ubatch, meta=plan.meta)
-        lays = [x for x in layers if x is not None]
-        t = expected_time(spec, p, cost, counts, lays) if lays else 0.0
-        if None in layers:
-            a = TokenAssigner(spec, p, cost)
-            t += (len(counts.chunks) + len(counts.decode)) * max(a.head_loads(counts.batch))
-        return t
-
-    def nbytes(b: Block, rows: int) -> float:
-        return spec.bytes_of(b.params) * rows / b.rows
-
-    used = sum(nbytes(b, gg.get(b.name, 0)) for b in blocks)
-    improved = True
-    while improved and not deadline.exhausted:
-        improved = False
-        holders = [i for i in blocks if gg.get(i.name, 0) > 0 and i.name not in pinned]
-        for j in blocks:
-            room = j.rows - gg.get(j.name, 0)
-            if room <= 0:
-                continue
-            # the receiver takes one chunk or all it lacks; a donor gives one chunk or all it holds
-            for step_j in sorted({min(min(chunk, j.rows), room), room}):
-                for i in [None, *holders]:
-                    if deadline.exhausted:
-                        break
-                    if i is j or (i is not None and gg.get(i.name, 0) <= 0):
-                        continue
-                    cur = gg.get(i.name, 0) if i is not None else 0
-                    gives = [0] if i is None else sorted({cur - ((cur - 1) // min(chunk, i.rows)) * min(chunk, i.rows),
-                                                          cur})
-                    for step_i in gives:
-                        free = budget - used + (nbytes(i, step_i) if i is not None else 0.0)
-                        if nbytes(j, step_j) > free + 1e-6:
-                            continue
-                        layers = {layer_of[j.name]} | ({layer_of[i.name]} if i is not None else set())
-                        before = cost_of(layers)
-                        gg[j.name] = gg.get(j.name, 0) + step_j
-                        if i is not None:
-                            gg[i.name] -= step_i
-                        after = cost_of(layers)
-                        if after < before * (1 - 1e-9):
-                            used += nbytes(j, step_j) - (nbytes(i, step_i) if i is not None else 0.0)
-                            improved = True
-                            break
-                        gg[j.name] -= step_j
-                        if i is not None:
-                            gg[i.name] += step_i
-                    if improved:
-                        break
-                if improved:
-                    break
-            if improved:
-                break
-        if not improved and not deadline.exhausted:
-            improved, used = _drop_and_refill([b for b in blocks if b.name not in pinned], gg, used, budget, chunk,
-                                              nbytes, cost_of, layer_of, deadline)
-    return gg
-
-
-def _drop_and_refill(blocks: list[Block], gg: dict[str, int], used: float, budget: float, chunk: int,
-                     nbytes: Callable[[Block, int], float], cost_of: Callable[[set], float],
-                     layer_of: dict[str, int | None], deadline: _Evals) -> tuple[bool, float]:
-    """Empty one resident block (then, if that never helps, two) and refill the memory they free,
-    greedily by time saved per byte or outright (a chunk or a whole block at a time); keep the result if
-    the workload got faster. Escapes the local optima of single moves: one large block worth less than two
-    smaller ones, or a layer whose experts are all resident (no CPU round trip at all)."""
-    holders = [b for b in blocks if gg.get(b.name, 0) > 0]
-    drops = [(b,) for b in holders] + list(itertools.combinations(holders, 2))
-    for dropped in drops:
-        for per_byte in (True, False):  # refill by time saved per byte, or by time saved outright
-            if deadline.exhausted:
-                return False, used
-            saved = dict(gg)
-            free = budget - used + sum(nbytes(d, gg[d.name]) for d in dropped)
-            for d in dropped:
-                gg[d.name] = 0
-            while True:
-                best: tuple[float, Block, int] | None = None
-                for j in blocks:
-                    room = j.rows - gg.get(j.name, 0)
-                    if j in dropped or room <= 0:
-                        continue
-                    if deadline.exhausted:
-                        gg.clear()
-                        gg.update(saved)
-                        return False, used
-                    for step in {min(min(chunk, j.rows), room), room}:
-                        if nbytes(j, step) > free + 1e-6:
-                            continue
-                        lay = {layer_of[j.name]}
-                        t0 = cost_of(lay)
-                        gg[j.name] = gg.get(j.name, 0) + step
-                        gain = (t0 - cost_of(lay)) / (nbytes(j, step) if per_byte else 1.0)
-                        gg[j.name] -= step
-                        if gain > 0 and (best is None or gain > best[0]):
-                            best = (gain, j, step)
-                if best is None:
-                    break
-                _, j, step = best
-                gg[j.name] = gg.get(j.name, 0) + step
-                free -= nbytes(j, step)
-            touched = {layer_of[b.name] for b in blocks if gg.get(b.name, 0) != saved.get(b.name, 0)}
-            after = cost_of(touched)
-            trial = dict(gg)
-            gg.clear()
-            gg.update(saved)
-            if after < cost_of(touched) * (1 - 1e-9):
-                gg.clear()
-                gg.update(trial)
-                return True, budget - free
-            gg.clear()
-            gg.update(saved)
-    return False, used
-
-
 def partition(spec: ModelSpec, profile: object, workload: Workload, routing: Routing | str | None = None, *,
               chunk: int = DEFAULT_CHUNK, staging_buffers: int = 2, ubatch: int | None = None,
               polish_evals: int = 3000, seed: int = 0) -> Plan:
@@ -442,7 +239,7 @@ def partition(spec: ModelSpec, profile: object, workload: Workload, routing: Rou
             except PlanError:
                 pass
     if polish_evals > 0:
-        polished = _polish(spec, plan, cost, counts, chunk, budget, polish_evals, pinned)
+        polished = repair(spec, plan, cost, counts, chunk, budget, polish_evals, pinned)
         plan = Plan("scheinfer", {k: v for k, v in polished.items() if v}, base.kv_on_gpu, label="scheinfer",
                     assign="balance", staging_buffers=staging_buffers, ubatch=ubatch, meta=meta)
     check_fits(plan, spec, profile, workload)  # the budget's accounting is gpu_bytes_breakdown's: a bug if not
@@ -457,5 +254,4 @@ def with_gg(plan: Plan, spec: ModelSpec, gg: dict[str, int]) -> Plan:
                 meta=plan.meta)
 
 
-__all__ = ["Fixed", "WorkloadCounts", "expected_time", "fixed_state", "layer_patterns", "partition", "solve_lp",
-           "splittable", "with_gg"]
+__all__ = ["Fixed", "fixed_state", "partition", "solve_lp", "with_gg"]

@@ -91,6 +91,11 @@ def plan_blocks(spec: ModelSpec) -> Iterator[Block]:
             yield head_block(spec)
 
 
+def splittable(spec: ModelSpec) -> list[Block]:
+    """The blocks a partition sizes: every row-split block of the layers, and the lm_head."""
+    return [b for b in plan_blocks(spec) if b.rows and b.kind != "embed"]
+
+
 def units(block: Block) -> int:
     """Rows of a block for placement: its split dimension, or 1 for blocks that are never split."""
     return block.rows or 1
@@ -289,4 +294,4 @@ def max_ngl(spec: ModelSpec, profile: Any, workload: Workload) -> int:
 
 __all__ = ["ASSIGN_RULES", "LLAMACPP_OP_OFFLOAD_MIN_TOKENS", "LLAMACPP_UBATCH", "Plan", "Workload", "all_cpu",
            "all_gpu", "check_fits", "first_n_layers_on_gpu", "gpu_bytes", "gpu_bytes_breakdown", "head_block",
-           "llamacpp_plan", "max_ngl", "parse_plan", "plan_blocks", "units"]
+           "llamacpp_plan", "max_ngl", "parse_plan", "plan_blocks", "splittable", "units"]

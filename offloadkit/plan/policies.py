@@ -37,8 +37,9 @@ import numpy as np
 
 from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
+from offloadkit.plan.estimate import WorkloadCounts
 from offloadkit.plan.host_memory import check_host_fits
-from offloadkit.plan.partition import WorkloadCounts, partition, splittable, with_gg
+from offloadkit.plan.partition import partition, with_gg
 from offloadkit.plan.plans import (
     Plan,
     Workload,
@@ -47,6 +48,7 @@ from offloadkit.plan.plans import (
     check_fits,
     llamacpp_plan,
     plan_blocks,
+    splittable,
     units,
 )
 from offloadkit.plan.routing import Routing, parse_routing

@@ -35,7 +35,7 @@ import torch
 from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
 from offloadkit.plan.assign import TokenAssigner
-from offloadkit.plan.costmodel import ACT_BYTES, CostModel
+from offloadkit.plan.costmodel import CostModel
 from offloadkit.plan.plans import Plan, Workload, check_fits, parse_plan, plan_blocks
 from offloadkit.plan.routing import Routing, parse_routing
 from offloadkit.runtime.fragments import EntryPart, FragmentCache, StepLists
@@ -220,20 +220,13 @@ def _simulate_shapes(spec: ModelSpec, plan: Plan, cost: CostModel, workload: Wor
 
 
 def _prologue(b: StepBuilder) -> list[str]:
-    """The step's embedding lookup (a fragment body)."""
-    n, h, a = b.shape.n, b.spec.hidden_size, ACT_BYTES
-    b.small(b._head["embed"], "embed", "embed", ["ids"], [("h", n * h * a)], n * h * (b.cost.weight_bytes + a), 0)
-    return ["h"]
+    """A fragment body: the step's embedding lookup."""
+    return [b.prologue()]
 
 
 def _epilogue(b: StepBuilder) -> list[str]:
-    """The final norm, the lm_head and the logits' copy to the host (a fragment body)."""
-    h, bt, a, spec = b.spec.hidden_size, b.shape.batch, ACT_BYTES, b.spec
-    b.small(b._head["final_norm"], "final_norm", "final_norm", ["resid", "delta"], [("xo", bt * h * a)], 0, 0,
-            norm=True)
-    b.split_block(b.assigner.head_block, "lm_head", "lm_head", bt, ["xo"], "logits", bt * a, True,
-                  bt * (h + spec.vocab_size) * a, cg=b.assigner.head(bt))
-    b.need(["logits"], "cpu", None)
+    """A fragment body: the final norm, the lm_head and the logits' copy, reading ``resid`` and ``delta``."""
+    b.epilogue("resid", "delta")
     return []
 
 

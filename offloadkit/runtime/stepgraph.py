@@ -230,23 +230,30 @@ class StepBuilder:
     # ---- the step -------------------------------------------------------------------------------------
 
     def build(self, counts: Callable[[int], Sequence[int]]) -> TaskGraph:
+        resid, delta = self.prologue(), None
+        for layer in range(self.spec.n_layers):
+            resid, delta = self.layer(layer, resid, delta, counts)
+        self.epilogue(resid, delta)
+        return self.graph
+
+    def prologue(self) -> str:
+        """The step's token ids on the host and their embedding lookup; returns the residual's name."""
         s, n, a = self.spec, self.shape.n, ACT_BYTES
         h = s.hidden_size
-        self.values["ids"] = {"cpu": _Part("ids@cpu", "cpu")}
-        self.values["ids"]["cpu"].nbytes = 8 * n
+        self.values.setdefault("ids", {"cpu": _Part("ids@cpu", "cpu")})["cpu"].nbytes = 8 * n
         embed = self._head["embed"]
         self.small(embed, "embed", "embed", ["ids"], [("h", n * h * a)], n * h * (self.cost.weight_bytes + a), 0)
-        resid, delta = "h", None
-        for layer in range(s.n_layers):
-            resid, delta = self.layer(layer, resid, delta, counts)
+        return "h"
+
+    def epilogue(self, resid: str, delta: str | None) -> None:
+        """The final norm, the lm_head (last position of each sequence) and the logits' copy to the host."""
+        s, a, b = self.spec, ACT_BYTES, self.shape.batch
+        h = s.hidden_size
         self.small(self._head["final_norm"], "final_norm", "final_norm", [resid, delta],
-                   [("xo", self.shape.batch * h * a)], 0, 0, norm=True)
-        head = self.assigner.head_block
-        b = self.shape.batch
-        self.split_block(head, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True, b * (h + s.vocab_size) * a,
-                         cg=self.assigner.head(b))
+                   [("xo", b * h * a)], 0, 0, norm=True)
+        self.split_block(self.assigner.head_block, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True,
+                         b * (h + s.vocab_size) * a, cg=self.assigner.head(b))
         self.need(["logits"], "cpu", None)  # sampling happens on the host
-        return self.graph
 
     def layer(self, layer: int, resid: str, delta: str | None,
               counts: Callable[[int], Sequence[int]]) -> tuple[str, str]:

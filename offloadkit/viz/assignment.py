@@ -30,10 +30,11 @@ from plotly.subplots import make_subplots
 
 from offloadkit.hardware.profile import HardwareProfile
 from offloadkit.model.spec import ModelSpec
-from offloadkit.plan.assign import TokenAssigner, balance, lane_loads
+from offloadkit.plan.assign import TokenAssigner
 from offloadkit.plan.costmodel import CostModel
 from offloadkit.plan.plans import Plan, Workload
 from offloadkit.plan.routing import Routing, RoutingTrace, counts_from_choices, parse_routing
+from offloadkit.plan.split_search import balance, lane_loads
 from offloadkit.runtime.sim import simulate, step_shapes
 from offloadkit.runtime.timeline import Timeline
 from offloadkit.viz.timeline import timeline_figure
@@ -112,7 +113,7 @@ class BalanceCurve:
 def balance_curve(spec: ModelSpec, profile: HardwareProfile, tokens: Sequence[int] = TOKENS,
                   kind: str = "expert") -> BalanceCurve:
     """The first block of ``kind`` (default: a routed expert) with no GG rows, balanced on its own at each
-    token count by :func:`~offloadkit.plan.assign.balance` (the ``balance`` rule's split)."""
+    token count by :func:`~offloadkit.plan.split_search.balance` (the ``balance`` rule's split)."""
     block = next(b for b in spec.blocks() if b.kind == kind)
     plan = Plan("balance-demo", {}, (True,) * spec.n_layers, assign="balance")
     a = TokenAssigner(spec, plan, CostModel(profile, spec))
