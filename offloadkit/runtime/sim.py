@@ -11,7 +11,7 @@ Two modes:
 - **shapes only** (full-size models, no weights): without a timeline to record, steps are stitched
   from layer fragments (:mod:`offloadkit.runtime.fragments`): each distinct layer is built once and
   reused, attention re-priced per step. Mixtral-8x7B pp512 + tg128 under a ScheInfer plan (whose
-  decode steps never repeat as a whole) simulates in about 0.3 s on a 2-core VM
+  decode steps never repeat as a whole) simulates in about 0.17 s on a 2-core VM
   (``benchmarks/plan_speed.py``). Recording a timeline builds each distinct *step* once (a step's
   graph is reused when the token counts and the experts' resident rows repeat) and names every task.
 - **with numerics** (tiny models, ``weights=...``): every task is also executed on real tensors by
