@@ -4,6 +4,7 @@
 #   make demo   set up, then run the demo (the main job)
 #   make test   set up with the test extra, then ruff, the pytest suite and nbval over notebooks/
 #   make lab    set up with the lab extra and start JupyterLab on the notebooks
+#   make bench  build llama.cpp, then offloadkit vs llama.cpp on bench-moe (table, build/bench/report.html)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +17,7 @@ TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup setup-test setup-lab demo test lint nbtest lab clean demo-model
+.PHONY: setup setup-test setup-lab demo test lint nbtest lab clean demo-model llamacpp bench setup-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,10 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
 	$(PIP) install -e ".[test]"
 	touch $@
 
+$(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-base
+	$(PIP) install -e ".[bench]"
+	touch $@
+
 $(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-base
 	$(PIP) install -e ".[lab,test]"
 	touch $@
@@ -37,6 +42,7 @@ $(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-base
 setup: $(VENV)/.stamp-base
 setup-test: $(VENV)/.stamp-test
 setup-lab: $(VENV)/.stamp-lab
+setup-bench: $(VENV)/.stamp-bench
 
 demo: setup
 	$(BIN)/offloadkit demo
@@ -68,6 +74,21 @@ lab: setup-lab
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  $(BIN)/nbstripout --install --attributes .gitattributes; fi
 	$(BIN)/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+# llama.cpp's llama-bench and llama-simple, built from source natively optimised (pip downloads the pinned
+# llama-cpp-python sdist, whose vendor/llama.cpp is llama.cpp's tree), into build/llamacpp; a few minutes on
+# 2 cores the first time, then skipped while the build matches (offloadkit/bench/llamacpp_build.py).
+llamacpp: setup
+	$(BIN)/python -m offloadkit.bench.llamacpp_build
+
+# offloadkit's CPU engine against the real llama.cpp on the same weights (bench-moe, llama-bench's protocol,
+# alternated): prints the table and writes $(BENCH_OUT)/report.html and run.json. BENCH_ARGS adds flags
+# (e.g. BENCH_ARGS="-t 1,2 --dtype bf16,f32"); see `offloadkit bench --help`.
+BENCH_OUT  ?= build/bench
+BENCH_ARGS ?=
+bench: setup-bench llamacpp
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/offloadkit bench --require-llamacpp $(BENCH_ARGS) --json $(BENCH_OUT)/run.json --html $(BENCH_OUT)/report.html
 
 # Re-train the committed demo checkpoint (about 15 minutes on 2 cores).
 demo-model: setup-test

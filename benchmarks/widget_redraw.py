@@ -1,6 +1,7 @@
 """How long the plan tuner of chapter 06 takes to redraw after a control changes, against the 200 ms target.
 
     python benchmarks/widget_redraw.py [--model mixtral-8x7b] [--profile rtx4090-desktop] [--rounds 2] [--breakdown]
+    python benchmarks/widget_redraw.py --explorer [--bench-json run.json] [--rounds 2]
 
 A redraw (:meth:`offloadkit.viz.plan_tuner.PlanTuner._update`) re-plans and re-simulates scheinfer,
 llamacpp, fiddler and ktransformers on the what-if profile (``compare_policies(quick=True)``), computes
@@ -11,6 +12,11 @@ redraw time and of its compute part. Times are **measured** on this machine (nam
 no browser attached (a browser adds the widget messages' round trip); the tokens/s inside the figures
 are **simulated**. ``--breakdown`` also times each policy's plan + simulation and the bounds alone,
 to show where a redraw's time goes. It is not a test: a loaded machine measures slower.
+
+``--explorer`` times chapter 09's speedup explorer (:class:`offloadkit.viz.benchmarks.SpeedupExplorer`)
+instead: every model, then every profile, then every phase in turn, ``--rounds`` times; a redraw there
+only looks up the simulated paper experiment (and the measured BenchRun of ``--bench-json``, if given)
+and updates one FigureWidget.
 """
 
 from __future__ import annotations
@@ -61,13 +67,44 @@ def breakdown(tuner: PlanTuner, repeats: int = 3) -> None:
     print(f"  {'bounds':<14} two LPs         {min(times) * 1e3:6.0f} ms")
 
 
+def explorer_redraw(rounds: int, bench_json: str | None) -> None:
+    """Mean ± sd of the speedup explorer's redraw over a cycle of model, profile and phase changes."""
+    from offloadkit.bench.results import BenchRun
+    from offloadkit.viz.benchmarks import PHASES, SpeedupExplorer
+
+    t0 = time.perf_counter()
+    explorer = SpeedupExplorer(run=BenchRun.read_json(bench_json) if bench_json else None)
+    first = time.perf_counter() - t0
+    models, profiles = explorer.paper.models(), explorer.paper.profiles()
+    changes = [{"model": m} for m in models[1:] + models[:1]] + [{"profile": p} for p in profiles[1:] + profiles[:1]] \
+        + [{"phase": ph} for ph in PHASES[1:] + PHASES[:1]]
+    redraw = []
+    for _ in range(rounds):
+        for change in changes:
+            explorer.set(**change)
+            redraw.append(explorer.last_redraw_s)
+    print(f"speedup explorer redraw ({len(models)} models × {len(profiles)} profiles × {len(PHASES)} phases, "
+          f"{'with the measured run ' + bench_json if bench_json else 'no measured run'})")
+    print(f"measured on {machine_label()}, no browser attached")
+    print(f"  first draw (read the experiment, build the widgets) {first:6.2f} s")
+    print(f"  redraw after a control change   {_mean_sd(redraw)}   (n = {len(redraw)}, "
+          f"min {min(redraw) * 1e3:.0f}, max {max(redraw) * 1e3:.0f} ms)")
+    verdict = "meets" if statistics.mean(redraw) < TARGET_S else "misses"
+    print(f"target: < {TARGET_S * 1e3:.0f} ms per redraw — {verdict} it (mean, measured)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--profile", default="rtx4090-desktop")
     parser.add_argument("--rounds", type=int, default=2, help="times through the cycle of control changes")
     parser.add_argument("--breakdown", action="store_true", help="also time each policy and the bounds alone")
+    parser.add_argument("--explorer", action="store_true", help="time chapter 09's speedup explorer instead")
+    parser.add_argument("--bench-json", help="with --explorer: a BenchRun JSON (offloadkit bench --json) to show")
     args = parser.parse_args()
+    if args.explorer:
+        explorer_redraw(args.rounds, args.bench_json)
+        return
 
     t0 = time.perf_counter()
     tuner = PlanTuner(args.model, args.profile)

@@ -59,3 +59,7 @@ class CudaUnavailableError(OffloadkitError):
 
 class ThreadingLayerError(OffloadkitError):
     """Numba has no thread-safe threading layer here (only workqueue), or was already started on workqueue."""
+
+
+class BenchError(OffloadkitError):
+    """A benchmark cannot run: llama.cpp is not built, llama-bench failed, a model cannot be exported."""

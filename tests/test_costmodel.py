@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from sim_fixtures import CPU, cpu_only, desktop
 
@@ -132,3 +134,108 @@ def test_describe_lists_resolved_constants(cost):
     d = cost.describe()
     assert d["cpu_bw"] == 60e9 and d["gpu_flops"] == 160e12 and d["h2d_bw"] == 25e9
     assert "gpu_bw" not in CostModel(cpu_only(), MIXTRAL).describe()
+
+
+# ---- the CPU engine's prices (a profile with a measured [cpu_lane]) ---------------------------------------
+
+def lane_profile(**lane_kw) -> HardwareProfile:
+    """The desktop with a hand-made CPU lane: round figures, curves at hidden 32 and 128 for every class."""
+    from offloadkit.hardware.profile import CpuLaneProfile
+    from offloadkit.plan.cpu_lane import CLASSES, curve_key
+
+    fig = {"attention_keys": (1, 100), "attention_gflops": ((10.0, 40.0),), "attention_head_dims": (16,),
+           "task_us": {"attn_norm": 5.0, "expert": 20.0, "lm_head": 7.0, "final_norm": 3.0, "host_step": 30.0,
+                       "host_moe_layer": 40.0, "host_layer": 50.0},
+           "task_hidden_ns": {"attn_norm": 100.0}, "element_ns": {"attn_norm": 0.5},
+           "decode_ps": {"expert_bf16": 80.0, "expert_f32": 160.0}} | lane_kw
+    curves = {}
+    for cls in CLASSES:
+        for width, spp in ((32, (1e-11, 1e-10)), (128, (4e-11, 4e-10))):
+            for dt in ("bfloat16", "float32"):
+                key = curve_key(cls, dt, width)
+                curves[key] = Curve(key, (1, 64), spp)
+    return HardwareProfile("lane", "a hand-made CPU lane", CPU, curves=curves, cpu_lane=CpuLaneProfile("hand", **fig))
+
+
+def small_spec(arch: str = "mixtral", dtype: str = "bfloat16"):
+    from offloadkit.model.spec import ModelSpec
+    from offloadkit.model.writer import make_config
+
+    # hidden 64, 4 heads of 16, 2 KV heads, 4 experts of 128 (top-2), vocabulary 512
+    return ModelSpec.from_config(make_config(arch, layers=2, dtype=dtype), name=f"small-{arch}")
+
+
+def test_the_kv_cache_is_priced_in_its_own_dtype():
+    spec = small_spec()  # bf16 weights
+    f32 = CostModel(cpu_only(), spec, kv_dtype="float32")
+    tokens, past = 3, 10
+    nbytes, _ = f32.attention_cost(tokens, past)
+    assert nbytes == (past + tokens) * 2 * 2 * 16 * 4 + tokens * 2 * 4 * 16 * 4  # K and V in f32, q and o in f32
+    weights, _ = CostModel(cpu_only(), spec).attention_cost(tokens, past)
+    assert nbytes - weights == (past + tokens) * 2 * 2 * 16 * 2  # the default: the weights' 2 bytes
+
+
+def test_cpu_lane_prices_by_hand():
+    from offloadkit.plan.cpu_lane import params_of
+
+    spec = small_spec()
+    cost = CostModel(lane_profile(), spec)
+    lane = cost.cpu_lane
+    assert lane is not None and cost.cpu_task_s("attn_norm", 10) == pytest.approx(5e-6 + 100e-9 * 64 + 0.5e-9 * 64 * 9)
+    expert = params_of(spec, "expert")
+    assert expert == 3 * 64 * 128
+    at_64 = (1e-10 * 4e-10) ** 0.5  # 64 tokens; hidden 64 is halfway (in log) between the curves at 32 and 128
+    # one token: the engine's own read per weight (80 ps) is above the curve's (2e-11); 64 tokens: the curve's
+    assert cost.cpu_task_s("expert", 1, expert) == pytest.approx(20e-6 + 80e-12 * expert)
+    assert cost.cpu_task_s("expert", 64, expert) == pytest.approx(20e-6 + at_64 * expert)
+    assert cost.cpu_task_s("ffn_norm", 1) == pytest.approx(5e-6 + 100e-9 * 64)  # borrowed from attn_norm
+    assert cost.cpu_task_s("host_moe_layer", 7) == pytest.approx(40e-6)
+    # the attention core: FLOPs at the rate for its keys per query (4 queries after 96 positions: ~98.5 keys)
+    pairs = cost.attention_pairs(4, 96)
+    rate = 10.0 * (40.0 / 10.0) ** (math.log(pairs / 4) / math.log(100)) * 1e9
+    assert cost.attention_s("cpu", 4, 96) == pytest.approx(4 * 4 * 16 * pairs / rate)
+    f32 = CostModel(lane_profile(), small_spec(dtype="float32"))
+    assert f32.cpu_task_s("expert", 1, expert) == pytest.approx(20e-6 + 160e-12 * expert)
+
+
+def test_the_step_graph_prices_the_engines_work():
+    """With a CPU lane: the work outside tasks as tasks (once per step, once per layer), the lm_head and final
+    norm over the positions the engine computes; without one (a catalog profile): the roofline, as before."""
+    from dataclasses import replace
+
+    from offloadkit.plan.plans import all_cpu
+    from offloadkit.runtime.stepgraph import StepShape, build_step
+
+    spec = small_spec()
+    counts = [[3, 2, 1, 0]] * spec.n_layers  # 6 token-expert pairs = 3 tokens x top-2
+    shape = StepShape(0, 3, 0)
+    plan = replace(all_cpu(spec), meta={"kv_dtype": "float32"})
+    graph = build_step(spec, plan, CostModel(lane_profile(), spec, kv_dtype="float32"), shape, counts)
+    kinds = [t.kind for t in graph.tasks]
+    assert kinds.count("host_step") == 1 and kinds.count("host_moe_layer") == spec.n_layers
+    assert kinds.count("expert") == 3 * spec.n_layers
+    head = next(t for t in graph.tasks if t.kind == "lm_head")
+    assert head.flops == 2 * 1 * 64 * 512  # the last position only
+    every = build_step(spec, replace(plan, meta={"logits": "all"}), CostModel(lane_profile(), spec), shape, counts)
+    head_all = next(t for t in every.tasks if t.kind == "lm_head")
+    assert head_all.flops == 2 * 3 * 64 * 512 and head_all.duration_s > head.duration_s
+    norm = next(t for t in graph.tasks if t.kind == "final_norm")
+    assert norm.duration_s == pytest.approx(3e-6)  # final_norm's own figure, one row
+    # a catalog-like profile without a CPU lane: no host tasks, the norm priced by the roofline as before
+    plain = CostModel(cpu_only(), spec)
+    assert plain.cpu_lane is None
+    graph = build_step(spec, all_cpu(spec), plain, shape, counts)
+    assert not any(t.kind.startswith("host") for t in graph.tasks)
+    first_norm = next(t for t in graph.tasks if t.kind == "attn_norm")
+    assert first_norm.duration_s == pytest.approx(plain.norm_s("cpu", 3, 64))
+
+
+def test_llamacpp_plans_keep_the_roofline_on_a_profile_with_a_cpu_lane():
+    from offloadkit.plan.costmodel import engine_options
+    from offloadkit.plan.plans import all_cpu, first_n_layers_on_gpu
+
+    spec = small_spec()
+    assert engine_options(all_cpu(spec)) == {"kv_dtype": None, "cpu_engine": True}
+    llama = engine_options(first_n_layers_on_gpu(spec, 0, op_offload=False))
+    assert llama["cpu_engine"] is False
+    assert CostModel(lane_profile(), spec, **llama).cpu_lane is None

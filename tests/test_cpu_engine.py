@@ -83,3 +83,90 @@ def test_generate_with_the_cpu_engine(tmp_path: Path, capsys: pytest.CaptureFixt
     assert ENGINES == ("reference", "cpu")
     with pytest.raises(OffloadkitError, match="unknown engine 'gpu'; choose one of reference, cpu"):
         load_engine("gpu", out)
+
+
+# ---- the decode path of issue 10: one compiled call per layer, logits of the last position only --------
+
+
+def task_keys(tl: Timeline) -> list[tuple]:
+    return [(r.name, r.kind, r.layer, r.step) for r in tl]
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("mixtral", "bfloat16"), ("qwen2_moe", "bfloat16"), ("llama", "float16")])
+def test_one_call_per_step_per_layer_and_the_separate_path_agree(arch: str, dtype: str, tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path / arch, make_config(arch, layers=2, hidden=64, dtype=dtype), seed=5)
+    ckpt = open_checkpoint(folder)
+    ref = ReferenceModel(ckpt.spec, ckpt)
+    step_, layer_, separate = (CpuEngine(ckpt.spec, ckpt) for _ in range(3))
+    if step_._clock is None:
+        pytest.skip("this CPU has no steady cycle counter: the engine times every task from Python")
+    layer_.whole_step = False  # one decode_layer call per layer
+    separate._clock = None  # before its first forward: every layer takes the separate path
+    engines = {"whole step": step_, "per layer": layer_, "separate": separate}
+    ids = torch.randint(3, ckpt.spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    caches = {name: m.new_cache(2, 16) for name, m in engines.items()}
+    ref_cache = ref.new_cache(2, 16)
+    for step in range(4):  # a 9-token prompt (grouped by expert), then 3 steps of a batch of 2
+        part = ids if step == 0 else ids[:, step - 1:step]
+        want = ref.forward(part, ref_cache)
+        for name, eng in engines.items():
+            got = eng.forward(part, caches[name])
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-4, (name, step)
+    assert step_._step_lists and layer_._step_lists is None and separate._step_lists is False
+    assert all(layer.fused is None for layer in separate._layers.values())
+    keys = task_keys(separate.timeline)
+    assert task_keys(step_.timeline) == keys and task_keys(layer_.timeline) == keys
+    check_timeline(step_.timeline, step_, steps=4)
+    check_timeline(layer_.timeline, layer_, steps=4)
+    prompt = ids[0].tolist()
+    want_tokens = greedy(ref, prompt, 5)
+    assert all(greedy(eng, prompt, 5) == want_tokens for eng in engines.values())
+
+
+def test_logits_of_the_last_position_only(tmp_path: Path) -> None:
+    ckpt = open_checkpoint(write_checkpoint(tmp_path / "m", make_config("mixtral", layers=2, hidden=64), seed=1))
+    ref, eng = ReferenceModel(ckpt.spec, ckpt), CpuEngine(ckpt.spec, ckpt)
+    ids = torch.randint(3, ckpt.spec.vocab_size, (2, 70), generator=torch.Generator().manual_seed(3))
+    want = ref.forward(ids)[:, -1:]
+    got = eng.forward(ids, eng.new_cache(2, 80), logits="last")
+    assert got.shape == (2, 1, ckpt.spec.vocab_size)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    head = [r for r in eng.timeline if r.kind == "lm_head"]
+    assert len(head) == 1 and head[0].flops == 2 * 2 * ckpt.spec.hidden_size * ckpt.spec.vocab_size
+    assert eng.forward(ids).shape == (2, 70, ckpt.spec.vocab_size)  # the default: every position
+    with pytest.raises(OffloadkitError, match="logits must be one of all, last"):
+        eng.forward(ids, logits="first")
+
+
+def test_generation_asks_the_cpu_engine_for_the_last_logits_only(tmp_path: Path) -> None:
+    ckpt = open_checkpoint(write_checkpoint(tmp_path / "m", make_config("mixtral", layers=1, hidden=64), seed=1))
+    eng = CpuEngine(ckpt.spec, ckpt)
+    shapes = []
+    forward = eng.forward
+
+    def spy(ids, cache=None, **kw):
+        out = forward(ids, cache, **kw)
+        shapes.append((ids.shape[1], kw.get("logits"), out.shape[1]))
+        return out
+
+    eng.forward = spy
+    assert len(greedy(eng, list(range(3, 15)), 3)) == 3
+    assert shapes == [(12, "last", 1), (1, "last", 1), (1, "last", 1)]
+
+
+def test_the_engine_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
+    import numba
+
+    ckpt = open_checkpoint(write_checkpoint(tmp_path / "m", make_config("mixtral", layers=2, hidden=256), seed=4))
+    eng, ref = CpuEngine(ckpt.spec, ckpt), ReferenceModel(ckpt.spec, ckpt)
+    prompt = list(range(5, 20))
+    before = numba.get_num_threads()
+    tokens = {}
+    try:
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            tokens[n] = greedy(eng, prompt, 6)
+            assert eng.timeline.machine.endswith(f", {n} threads")
+    finally:
+        numba.set_num_threads(before)
+    assert all(t == greedy(ref, prompt, 6) for t in tokens.values())

@@ -4,22 +4,44 @@ attention core, the linear layer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numerics import assert_within, attention, layer_norm, linear, rms_norm, swiglu_expert
+from numerics import (
+    TINY,
+    Bounded,
+    U,
+    assert_softmax_topk,
+    assert_within,
+    attention,
+    exact,
+    layer_norm,
+    linear,
+    matmul,
+    mul,
+    rms_norm,
+    rope,
+    swiglu_expert,
+)
 
 from offloadkit.errors import OffloadkitError
-from offloadkit.hardware.machine import machine_label
+from offloadkit.hardware.machine import cpu_features, has_feature, machine_label
 from offloadkit.hardware.stream import read_gbps, stream_read
 from offloadkit.kernels.cpu.experts import ExpertWeights, KernelInputError, expert_rows, expert_rows_torch
 from offloadkit.kernels.cpu.experts import linear as kernel_linear
+from offloadkit.kernels.cpu.experts import linear3 as kernel_linear3
+from offloadkit.kernels.cpu.layer_ops import gather_rows, qkv_rope, rope_store, router_topk, softmax_topk
 from offloadkit.kernels.cpu.norms_attention import causal_attention, compare_lane_ops, use_torch_attention
 from offloadkit.kernels.cpu.norms_attention import layer_norm as kernel_layer_norm
 from offloadkit.kernels.cpu.norms_attention import rms_norm as kernel_rms_norm
 from offloadkit.kernels.cpu.primitives import storage_view
+from offloadkit.model.rope import rotary_tables
+from offloadkit.model.spec import ModelSpec
+from offloadkit.model.writer import make_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -195,3 +217,120 @@ def test_linear_refuses_weights_outside_kernel_storage() -> None:
         kernel_linear(np.ones((1, 4), np.float32), np.ones((3, 4), np.float64))
     with pytest.raises(KernelInputError, match="kernel storage"):
         kernel_linear(np.ones((1, 4), np.float32), np.ones((4, 3), np.float32).T)
+
+
+# ---- what the CPU engine's decode step is made of (issue 10) ------------------------------------------
+
+
+def rotate(b: Bounded, cos: torch.Tensor, sin: torch.Tensor) -> Bounded:
+    """RoPE of a computed ``b`` [N, heads, D]: the rotation's rounding (numerics.rope, at the magnitude the
+    kernel can see) plus the input's error turned by ``|cos|``, ``|sin|``."""
+    half = b.value.shape[-1] // 2
+    turned, rounding = rope(b.value, cos, sin), rope(b.value.abs() + b.err, cos, sin).err
+    ea, eb = b.err[..., :half], b.err[..., half:]
+    ca, sa = cos.double()[:, None, :half].abs(), sin.double()[:, None, :half].abs()
+    return Bounded(turned.value, rounding + torch.cat((ea * ca + eb * sa, eb * ca + ea * sa), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("batch", "tokens", "start", "bias"), [(1, 1, 5, False), (2, 3, 0, True), (1, 70, 2, False)])
+def test_qkv_rope_and_rope_store_project_rotate_and_write_the_cache(dtype, batch, tokens, start, bias) -> None:
+    heads, kv, dim, hidden, cap = 4, 2, 16, 64, 80
+    g = torch.Generator().manual_seed(tokens)
+    w = [torch.randn(r * dim, hidden, generator=g).mul(0.2).to(DTYPES[dtype]) for r in (heads, kv, kv)]
+    b = torch.randn((heads + 2 * kv) * dim, generator=g) if bias else None
+    x = torch.randn(batch * tokens, hidden, generator=g)
+    spec = ModelSpec.from_config(make_config("mixtral", hidden=hidden, heads=heads, kv_heads=kv, layers=1))
+    cos, sin = rotary_tables(spec, torch.arange(start, start + tokens))
+    want = matmul(exact(x), exact(torch.cat(w).T), add=None if b is None else b.expand(batch * tokens, -1))
+    cols = [0, heads * dim, (heads + kv) * dim, (heads + 2 * kv) * dim]
+    part = [Bounded(want.value[:, a:z], want.err[:, a:z]) for a, z in zip(cols, cols[1:], strict=False)]
+    views = [storage_view(t)[0] for t in w]
+    c, s = cos.numpy(), sin.numpy()
+    def buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # the cache starts as NaN: untouched slots stay so
+        return (np.empty((batch, tokens, heads, dim), np.float32), np.full((batch, kv, cap, dim), np.nan, np.float32),
+                np.full((batch, kv, cap, dim), np.nan, np.float32))
+
+    results = {}
+    if batch * tokens <= 8:  # the fused decode form
+        q, kc, vc = buffers()
+        qkv_rope(x.numpy(), *views, None if b is None else b.numpy(), c, s, start, q, kc, vc, threads=2)
+        results["qkv_rope"] = (q, kc, vc)
+    q, kc, vc = buffers()
+    qkv = kernel_linear3(x.numpy(), *views) + (0 if b is None else b.numpy())
+    rope_store(qkv, c, s, start, q, kc, vc)
+    results["rope_store"] = (q, kc, vc)
+    reps = torch.arange(batch * tokens) % tokens  # the table row of each flattened token
+    for what, (q, kc, vc) in results.items():
+        assert_within(torch.from_numpy(q).reshape(batch * tokens, heads, dim),
+                      rotate(Bounded(part[0].value.view(-1, heads, dim), part[0].err.view(-1, heads, dim)),
+                             cos[reps], sin[reps]), f"{what}: q")
+        k_got = torch.from_numpy(kc[:, :, start:start + tokens]).permute(0, 2, 1, 3).reshape(-1, kv, dim)
+        assert_within(k_got, rotate(Bounded(part[1].value.view(-1, kv, dim), part[1].err.view(-1, kv, dim)),
+                                    cos[reps], sin[reps]), f"{what}: k in the cache")
+        v_got = torch.from_numpy(vc[:, :, start:start + tokens]).permute(0, 2, 1, 3).reshape(-1, kv * dim)
+        assert_within(v_got, part[2], f"{what}: v in the cache")
+        outside = np.ones(cap, bool)
+        outside[start:start + tokens] = False
+        assert np.isnan(kc[:, :, outside]).all() and np.isnan(vc[:, :, outside]).all(), f"{what} wrote elsewhere"
+
+
+@pytest.mark.parametrize(("tokens", "experts", "k", "normalize"), [(1, 8, 2, True), (5, 60, 4, False), (3, 4, 4, True)])
+def test_router_topk_is_softmax_then_top_k(tokens, experts, k, normalize) -> None:
+    g = torch.Generator().manual_seed(experts)
+    w = torch.randn(experts, 64, generator=g).bfloat16()
+    x = torch.randn(tokens, 64, generator=g)
+    weights, chosen = router_topk(x.numpy(), storage_view(w)[0], k, normalize)
+    logits = kernel_linear(x.numpy(), storage_view(w)[0])  # the same decode pass the router runs
+    assert_softmax_topk(torch.from_numpy(weights), torch.from_numpy(chosen), torch.from_numpy(logits), k, normalize)
+    w2, e2 = softmax_topk(logits, k, normalize)
+    assert_softmax_topk(torch.from_numpy(w2), torch.from_numpy(e2), torch.from_numpy(logits), k, normalize)
+
+
+def test_gather_rows_widens_the_embedding_rows_exactly() -> None:
+    table = torch.randn(50, 24).bfloat16()
+    ids = np.array([3, 3, 49, 0])
+    assert torch.equal(torch.from_numpy(gather_rows(storage_view(table)[0], ids)), table[ids].float())
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("tokens", [1, 5, 70])  # decode kernel, decode kernel, prefill path
+def test_scale_weights_each_tokens_output_and_accumulate_adds(dtype: str, tokens: int) -> None:
+    ws, ew = make_expert(128, 320, dtype, seed=5)
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, 128)).astype(np.float32)
+    scale = rng.uniform(0.1, 1.0, tokens).astype(np.float32)
+    y0 = rng.standard_normal((tokens, 128)).astype(np.float32)
+    got = expert_rows(x, ew, out=y0.copy(), scale=scale)
+    want = swiglu_expert(torch.from_numpy(x), *ws)
+    weighted = mul(want, exact(torch.from_numpy(scale)[:, None]))
+    # the kernel scales h before the down pass, so its bound is the expert's with the scale applied to h:
+    # allow the product bound plus the add into y0 (one more rounding of the sum)
+    total = Bounded(weighted.value + torch.from_numpy(y0).double(),
+                    weighted.err * 2 + U * (weighted.value.abs() + torch.from_numpy(y0).double().abs()) + TINY)
+    assert_within(torch.from_numpy(got), total, f"{dtype}, {tokens} tokens, scaled and added")
+    w = ws[0]  # [320, 128]
+    out0 = rng.standard_normal((tokens, 320)).astype(np.float32)
+    got = kernel_linear(x, storage_view(w)[0], out=out0.copy(), accumulate=True)
+    assert_within(torch.from_numpy(got), matmul(exact(torch.from_numpy(x)), exact(w.T), add=torch.from_numpy(out0)),
+                  f"linear accumulate, {tokens} tokens")
+
+
+def test_linear3_is_three_linears_side_by_side() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(r, 200, generator=g).half() for r in (64, 16, 16)]
+    for n in (1, 3, 80):
+        x = torch.randn(n, 200, generator=g)
+        got = kernel_linear3(x.numpy(), *(storage_view(t)[0] for t in w))
+        assert_within(torch.from_numpy(got), linear(x, torch.cat(w)), f"linear3, {n} tokens")
+    with pytest.raises(KernelInputError, match="one dtype and input width"):
+        kernel_linear3(x.numpy(), storage_view(w[0])[0], storage_view(w[1].float())[0], storage_view(w[2])[0])
+
+
+def test_machine_label_names_the_cpu_extensions() -> None:
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    assert has_feature("AVX2") == ("avx2" in flags) and has_feature("AVX512_BF16") == ("avx512_bf16" in flags)
+    label = machine_label(3)
+    assert label.endswith(", 3 threads") and all(f in label for f in cpu_features())
+    assert ("AVX2" in label) == ("avx2" in flags)

@@ -2,7 +2,11 @@
 
 A profile file (``data/hardware/<name>.toml`` in the catalog, or any path) has a ``name``, a
 ``description``, a ``[cpu]`` table, optionally ``[gpu]`` and ``[link]`` (both or neither), and
-optionally ``[curves.<kind>]`` tables. Every number is written in one of four forms::
+optionally ``[curves.<kind>]`` tables, and optionally ``[cpu_lane]`` (what offloadkit's CPU engine costs
+beyond its matmuls, measured by ``offloadkit profile``: ``[cpu_lane.attention]`` with ``keys``,
+``head_dims`` and ``gflops`` (one list per head dim), and ``[cpu_lane.task_us]``, ``task_hidden_ns``,
+``element_ns`` and ``decode_ps`` tables of one figure per task kind; a file without it loads as before).
+Every number is written in one of four forms::
 
     cores = 16                                                            # bare (not in the catalog)
     cores = { value = 16, source = "AMD product page" }
@@ -30,6 +34,8 @@ from typing import Any
 
 from offloadkit.errors import ProfileError
 from offloadkit.hardware.profile import (
+    LANE_TABLES,
+    CpuLaneProfile,
     CpuProfile,
     Curve,
     Derivation,
@@ -49,6 +55,8 @@ SECTIONS: dict[str, type] = {"cpu": CpuProfile, "gpu": GpuProfile, "link": LinkP
 MAY_BE_ZERO = frozenset({"call_overhead_us", "launch_overhead_us", "latency_us"})
 _FIGURE_KEYS = frozenset({"value", "peak", "effective", "total", "reserve", "source"})
 _CURVE_KEYS = frozenset({"tokens", "seconds_per_param", "params", "source"})
+_LANE_KEYS = frozenset({"name", "attention", *LANE_TABLES})
+_ATTENTION_KEYS = frozenset({"keys", "head_dims", "gflops", "source"})
 
 
 def hardware_dir() -> Path:
@@ -98,7 +106,7 @@ def read_profile(path: Path) -> HardwareProfile:
 def parse_profile(raw: dict[str, Any], file: str, *, require_sources: bool = False,
                   path: Path | None = None) -> HardwareProfile:
     """Build a :class:`HardwareProfile` from parsed TOML; ``file`` names the origin in messages."""
-    _check_keys(raw, {"name", "description", *SECTIONS, "curves"}, "", file)
+    _check_keys(raw, {"name", "description", *SECTIONS, "curves", "cpu_lane"}, "", file)
     name = _string(raw, "name", "name", file)
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -125,8 +133,9 @@ def parse_profile(raw: dict[str, Any], file: str, *, require_sources: bool = Fal
         raise ProfileError(f"{file}: gpu.usable_memory_gib ({gpu.usable_memory_gib:g}) exceeds "
                            f"gpu.memory_gib ({gpu.memory_gib:g})")
     curves = _parse_curves(raw.get("curves", {}), file, require_sources, sources)
+    lane = _parse_cpu_lane(raw["cpu_lane"], file, require_sources, sources) if "cpu_lane" in raw else None
     return HardwareProfile(name=name, description=description, cpu=parts["cpu"], gpu=gpu, link=parts["link"],
-                           curves=curves, sources=sources, path=path, derivations=derivations)
+                           curves=curves, sources=sources, path=path, derivations=derivations, cpu_lane=lane)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -258,3 +267,50 @@ def _parse_curves(raw: Any, file: str, require_sources: bool, sources: dict[str,
         if source.strip():
             sources[dotted] = source.strip()
     return curves
+
+
+def _parse_cpu_lane(raw: Any, file: str, require_sources: bool, sources: dict[str, str]) -> CpuLaneProfile:
+    """The ``[cpu_lane]`` table (see the module docstring) -> a :class:`CpuLaneProfile`."""
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{file}: cpu_lane must be a table ([cpu_lane])")
+    _check_keys(raw, _LANE_KEYS, "cpu_lane", file)
+    if "attention" not in raw:
+        raise ProfileError(f"{file}: cpu_lane.attention is missing")
+
+    def figure(value: Any, dotted: str) -> float:
+        number, source, _ = _parse_figure(value, dotted, file)
+        if require_sources and not source:
+            raise ProfileError(f"{file}: {dotted} has no source")
+        if number < 0:
+            raise ProfileError(f"{file}: {dotted} must be >= 0 (got {number:g})")
+        if source:
+            sources[dotted] = source
+        return number
+
+    tables: dict[str, dict[str, float]] = {}
+    for key in LANE_TABLES:
+        table = raw.get(key, {})
+        if not isinstance(table, dict):
+            raise ProfileError(f"{file}: cpu_lane.{key} must be a table of task kind = figure")
+        tables[key] = {kind: figure(v, f"cpu_lane.{key}.{kind}") for kind, v in table.items()}
+    att = raw["attention"]
+    if not isinstance(att, dict):
+        raise ProfileError(f"{file}: cpu_lane.attention must be a table with keys and gflops")
+    _check_keys(att, _ATTENTION_KEYS, "cpu_lane.attention", file)
+    keys, dims, rates = att.get("keys"), att.get("head_dims", [128]), att.get("gflops")
+    for axis, key in ((keys, "keys"), (dims, "head_dims")):
+        if not isinstance(axis, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in axis):
+            raise ProfileError(f"{file}: cpu_lane.attention.{key} must be a list of whole numbers")
+    if not isinstance(rates, list) or not all(isinstance(row, list) for row in rates):
+        raise ProfileError(f"{file}: cpu_lane.attention.gflops must be a list of lists (one per head dim)")
+    rates = [[_number(r, "cpu_lane.attention.gflops", "every entry", file) for r in row] for row in rates]
+    source = att.get("source", "")
+    if not isinstance(source, str) or (require_sources and not source.strip()):
+        raise ProfileError(f"{file}: cpu_lane.attention needs a source string")
+    if source.strip():
+        sources["cpu_lane.attention"] = source.strip()
+    name = _string(raw, "name", "cpu_lane.name", file)
+    try:
+        return CpuLaneProfile(name, tuple(keys), tuple(tuple(r) for r in rates), tuple(dims), **tables)
+    except ProfileError as e:
+        raise ProfileError(f"{file}: {e}") from e

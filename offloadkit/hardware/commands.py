@@ -79,6 +79,8 @@ def describe_profile(p: HardwareProfile) -> str:
                 line += f"   ({p.derivations[dotted].describe()})"
             out.append(line)
             out.append(f"      source: {p.sources.get(dotted, '(none given)')}")
+    if p.cpu_lane is not None:
+        out += _describe_lane(p)
     if p.curves:
         out += ["", "[curves] measured time vs tokens (seconds per weight parameter)"]
         for kind, c in p.curves.items():
@@ -86,6 +88,25 @@ def describe_profile(p: HardwareProfile) -> str:
             out.append(f"  {kind} (measured on {c.params:,} parameters): {pts}")
             out.append(f"      source: {p.sources.get(f'curves.{kind}', '(none given)')}")
     return "\n".join(out)
+
+
+def _describe_lane(p: HardwareProfile) -> list[str]:
+    """The ``[cpu_lane]`` part of ``hardware show``: the CPU engine's own costs per task kind."""
+    lane = p.cpu_lane
+    assert lane is not None
+    out = ["", f"[cpu_lane] {lane.name}", "  kind: fixed us + ns per hidden unit; ns per further row and hidden unit"]
+    for kind in lane.task_us:
+        out.append(f"  {kind}: {lane.task_us[kind]:.1f} us + {lane.task_hidden_ns.get(kind, 0.0):.1f} ns/hidden; "
+                   f"{lane.element_ns.get(kind, 0.0):.3f} ns/row/hidden")
+    reads = ", ".join(f"{k} {v:.1f}" for k, v in lane.decode_ps.items())
+    out.append(f"  decode read, ps per weight: {reads or '(none)'}")
+    for dim, row in zip(lane.attention_head_dims, lane.attention_gflops, strict=True):
+        pts = ", ".join(f"{k}: {r:.1f}" for k, r in zip(lane.attention_keys, row, strict=True))
+        out.append(f"  attention core, head dim {dim}, GFLOP/s by keys per query: {pts}")
+    for key in ("cpu_lane.task_us.embed", "cpu_lane.attention"):
+        if key in p.sources:
+            out.append(f"      source ({key}): {p.sources[key]}")
+    return out
 
 
 def describe_measurement(p: HardwareProfile) -> str:
@@ -105,6 +126,12 @@ def describe_measurement(p: HardwareProfile) -> str:
                      f"latency {k.latency_us:.1f} us")
     else:
         lines.append("  no CUDA device: the profile has no [gpu] or [link]")
+    if p.cpu_lane is not None:
+        lane = p.cpu_lane
+        host = sum(lane.task_us.get(k, 0.0) for k in ("host_step", "host_layer"))
+        lines.append(f"  CPU engine: {len(lane.task_us)} task kinds priced; e.g. attn_norm "
+                     f"{lane.task_us.get('attn_norm', 0.0):.1f} us, expert {lane.task_us.get('expert', 0.0):.1f} us "
+                     f"+ its read, outside tasks {host:.1f} us per step and dense layer (measured)")
     return "\n".join(lines)
 
 

@@ -5,12 +5,14 @@ What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, s
 - DRAM read bandwidth with all cores: :func:`offloadkit.hardware.stream.measure_read`, the one read routine
   (512 MiB, best of several reads, with or without ``--quick``) behind every read figure offloadkit prints;
   the spread of its samples goes into the figure's source.
-- CPU expert time vs tokens (1, 2, 4, ..., 512): the engine's own SwiGLU expert kernel
-  (``offloadkit.kernels.cpu.experts.expert_rows``; torch ``F.linear`` if that module is missing) on a
-  hidden 4096 x intermediate 4096 expert (1024 x 2048 with ``--quick``), with f32 weights and with
-  bf16-stored weights (widened to f32 inside the kernel, docs/DESIGN.md section 10): the
-  ``cpu_expert_f32`` / ``cpu_expert_bf16`` curves, per parameter of all three matrices, and their
-  best FLOP rates as ``flops_*_tflops``.
+- The CPU lane (``probe_cpu.py``): curves of the engine's own kernels per shape class and dtype
+  (``offloadkit.kernels.cpu.experts.linear`` on square, vocabulary-wide and router-sized weights,
+  ``expert_rows`` on a hidden 4096 x intermediate 4096 expert, 1024 x 2048 with ``--quick``; f32 and
+  bf16-stored weights, widened to f32 inside the kernel, docs/DESIGN.md section 10), read from a working
+  set beyond the last-level cache; the expert's whole-call curves ``cpu_expert_f32`` / ``cpu_expert_bf16``
+  and their best FLOP rates as ``flops_*_tflops``; the attention core's rate; and the fixed costs of
+  the CPU engine's tasks, measured on the engine itself (``[cpu_lane]``, what the simulator prices the
+  engine with).
 - The per-call overhead of the same kernel on a tiny expert (median).
 
 It refuses to invent what it did not measure: a CPU-only machine gets a profile without ``[gpu]`` and
@@ -33,7 +35,15 @@ from typing import Any
 
 from offloadkit.errors import ProfileError
 from offloadkit.hardware.machine import cpu_model
-from offloadkit.hardware.profile import CpuProfile, Curve, GpuProfile, HardwareProfile, LinkProfile
+from offloadkit.hardware.profile import (
+    LANE_TABLES,
+    CpuLaneProfile,
+    CpuProfile,
+    Curve,
+    GpuProfile,
+    HardwareProfile,
+    LinkProfile,
+)
 from offloadkit.hardware.toml_writer import save_profile
 
 
@@ -56,19 +66,6 @@ QUICK = ProbeSettings(hidden=1024, intermediate=2048, tokens=TOKENS, reps=2, poi
 
 
 # ---- kernels --------------------------------------------------------------------------------------
-
-def best_time(fn: Callable[[], object], reps: int, budget_s: float = 0.0) -> float:
-    """Best wall time of ``fn`` over at least ``reps`` runs (after one warm-up), and more runs while
-    the total stays under ``budget_s`` (at most 50): fast calls get enough samples to be stable."""
-    fn()
-    best, spent, n = float("inf"), 0.0, 0
-    while n < reps or (spent < budget_s and n < 50):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent, n = min(best, dt), spent + dt, n + 1
-    return best
-
 
 def expert_kernel(dtype: str, hidden: int, intermediate: int) -> tuple[Callable[[Any], Any], str]:
     """A SwiGLU expert ``x -> W2 (silu(W1 x) * W3 x)`` with random weights stored in ``dtype``, and what it is.
@@ -109,19 +106,6 @@ def measure_dram() -> tuple[float, str]:
     return read.gbps, f"STREAM-like Numba read (offloadkit.hardware.stream.measure_read): {read.describe()}"
 
 
-def measure_cpu_curve(dtype: str, s: ProbeSettings) -> tuple[list[float], int, str]:
-    """Seconds per call of the CPU expert for each of ``s.tokens``, its parameter count, and the kernel."""
-    import torch
-
-    kernel, what = expert_kernel(dtype, s.hidden, s.intermediate)
-    gen = torch.Generator().manual_seed(1)
-    seconds = []
-    for n in s.tokens:
-        x = torch.randn(n, s.hidden, generator=gen)
-        seconds.append(best_time(lambda x=x: kernel(x), s.reps, s.point_budget_s))
-    return seconds, 3 * s.hidden * s.intermediate, what
-
-
 def measure_call_overhead_us(calls: int = 300) -> tuple[float, str]:
     """Median microseconds of one call of the expert kernel on a tiny (8 x 8) bf16 expert: the fixed
     cost of a CPU task; and what was called."""
@@ -151,11 +135,11 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     from numba import get_num_threads
     from tqdm.auto import tqdm
 
-    from offloadkit.hardware import probe_cuda
+    from offloadkit.hardware import probe_cpu, probe_cuda
 
     s = QUICK if quick else FULL
     has_cuda = probe_cuda.cuda_available()
-    steps = 4 + (probe_cuda.STEPS if has_cuda else 0)
+    steps = 2 + probe_cpu.STEPS + (probe_cuda.STEPS if has_cuda else 0)
     started = time.perf_counter()
     m: dict[str, Any] = {"cpu": {"name": cpu_model(), "cores": get_num_threads()}, "gpu": None, "link": None,
                          "curves": {}, "methods": {}, "quick": quick}
@@ -165,16 +149,7 @@ def measure(quick: bool = False, progress: bool = True) -> dict[str, Any]:
         cpu["dram_bandwidth_gbps"], methods["cpu.dram_bandwidth_gbps"] = measure_dram()
         methods["cpu.cores"] = "Numba threads (numba.get_num_threads())"
         bar.update()
-        for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
-            bar.set_postfix_str(f"CPU expert {short}")
-            seconds, params, what = measure_cpu_curve(dtype, s)
-            how = f"{what}, {short} weights, hidden {s.hidden} x intermediate {s.intermediate}"
-            m["curves"][f"cpu_expert_{short}"] = {"tokens": list(s.tokens), "seconds": seconds, "params": params,
-                                                  "method": f"{how}, best of >= {s.reps}, per parameter of W1+W2+W3"}
-            cpu[f"flops_{short}_tflops"] = peak_tflops(seconds, s.tokens, params)
-            methods[f"cpu.flops_{short}_tflops"] = (f"best FLOP rate of the cpu_expert_{short} curve ({how}, "
-                                                    f"tokens {s.tokens[0]}..{s.tokens[-1]})")
-            bar.update()
+        probe_cpu.measure_lane(m, quick, bar)
         bar.set_postfix_str("call overhead")
         cpu["call_overhead_us"], methods["cpu.call_overhead_us"] = measure_call_overhead_us()
         bar.update()
@@ -223,6 +198,7 @@ def build_profile(m: dict[str, Any], name: str | None = None, date: str | None =
         curves[kind] = Curve(kind=kind, tokens=tuple(c["tokens"]), params=params,
                              seconds_per_param=tuple(t / params for t in c["seconds"]))
         sources[f"curves.{kind}"] = f"{stamp}: {c['method']}" if c.get("method") else stamp
+    lane = _cpu_lane(m["cpu_lane"], stamp, sources) if m.get("cpu_lane") else None
     cpu = parts["cpu"]
     what = f"{cpu.name}, {cpu.cores} cores"
     if parts["gpu"] is not None:
@@ -231,7 +207,23 @@ def build_profile(m: dict[str, Any], name: str | None = None, date: str | None =
         what += ", no CUDA GPU"
     description = f"{what}; {stamp}" + (f" in {m['elapsed_s']:.0f} s" if "elapsed_s" in m else "")
     return HardwareProfile(name=name, description=description, cpu=cpu, gpu=parts["gpu"], link=parts["link"],
-                           curves=curves, sources=sources)
+                           curves=curves, sources=sources, cpu_lane=lane)
+
+
+def _cpu_lane(raw: dict[str, Any], stamp: str, sources: dict[str, str]) -> CpuLaneProfile:
+    """The raw ``cpu_lane`` measurements (:func:`offloadkit.hardware.probe_cpu.measure_lane`) as a profile part,
+    with a source for every figure."""
+    how: dict[str, str] = raw.get("methods", {})
+    if not raw.get("attention_gflops") or min(min(row) for row in raw["attention_gflops"]) <= 0:
+        raise ProfileError(f"the probe measured attention rates {raw.get('attention_gflops')!r}; refusing to "
+                           "write them")
+    sources["cpu_lane.attention"] = f"{stamp}: {how.get('attention', 'measured')}"
+    for key in LANE_TABLES:
+        for kind in raw.get(key, {}):
+            sources[f"cpu_lane.{key}.{kind}"] = f"{stamp}: {how.get(key, 'measured')}"
+    return CpuLaneProfile(raw["name"], tuple(raw["attention_keys"]), tuple(map(tuple, raw["attention_gflops"])),
+                          tuple(raw.get("attention_head_dims", (128,))),
+                          **{key: dict(raw.get(key, {})) for key in LANE_TABLES})
 
 
 def run_profile(out: str | Path | None = None, quick: bool = False, name: str | None = None,

@@ -10,6 +10,8 @@ overhead; this module holds them as frozen dataclasses with the unit in every na
   is kept beside it so that ``offloadkit hardware show`` can explain every number.
 - A :class:`Curve` is a measured time-vs-tokens curve of a real kernel; the cost model prefers it to
   the roofline where a profile has one.
+- A :class:`CpuLaneProfile` (measured profiles only) holds what offloadkit's CPU engine costs beyond
+  its matmuls: fixed costs per task kind, the work between tasks, the attention core's rate.
 
 This module refuses to guess: it has no default bandwidths or FLOP rates, and a dtype it has no rate
 for raises :class:`~offloadkit.errors.ProfileError`. Reading and writing TOML lives in
@@ -202,6 +204,80 @@ class Curve:
         return self.seconds_per_param_at(tokens) * params
 
 
+# ---- offloadkit's CPU engine on this machine ---------------------------------------------------------
+
+#: Task kinds of work the CPU engine does outside any recorded task, per step / dense layer / MoE layer.
+HOST_KINDS = ("host_step", "host_layer", "host_moe_layer")
+#: The per-kind tables of a :class:`CpuLaneProfile` (``[cpu_lane.<table>]`` in TOML).
+LANE_TABLES = ("task_us", "task_hidden_ns", "element_ns", "decode_ps")
+
+
+@dataclass(frozen=True)
+class CpuLaneProfile:
+    """What offloadkit's CPU engine costs on this machine beyond the matmuls its curves price.
+
+    Measured by ``offloadkit profile`` on the engine itself (docs/DESIGN.md, "Calibration"); a profile
+    without it (every catalog file) prices the CPU lane with the plain roofline and curves, as before.
+
+    - ``task_us[kind]`` and ``task_hidden_ns[kind]``: the fixed cost of one task of ``kind`` (the engine's
+      timeline kinds: ``embed``, ``attn_norm``, ``attn_qkv``, ``attention``, ``expert``...; and
+      :data:`HOST_KINDS` for the work between tasks) beyond the kernel work the cost model prices from
+      curves, ``task_us + task_hidden_ns * 1e-3 * hidden`` microseconds for a model of that hidden size:
+      Python, dispatch, small arrays, the caches the weights streaming past have evicted;
+    - ``element_ns[kind]``: its nanoseconds per further row and hidden unit (a task over ``n`` rows adds
+      ``element_ns * (n - 1) * hidden``): norms, RoPE, copies, gathers, page faults of fresh arrays;
+    - ``decode_ps["<kind>_<bf16|f32>"]``: picoseconds per weight parameter of one-token calls of the kinds
+      that stream their weights (``attn_qkv``, ``attn_o``, ``expert``, ``ffn``, ``lm_head``), as the engine
+      reads them between its other tasks: the floor of that kind's kernel curve;
+    - ``attention_keys`` / ``attention_head_dims`` / ``attention_gflops``: the attention core's FLOP rate by
+      visible keys per query and head dim (interpolated in log scale, constant beyond the measured points).
+    """
+
+    name: str
+    attention_keys: tuple[int, ...]
+    attention_gflops: tuple[tuple[float, ...], ...]  # one row per head dim, one rate per key count
+    attention_head_dims: tuple[int, ...] = (128,)
+    task_us: dict[str, float] = field(default_factory=dict, hash=False)
+    task_hidden_ns: dict[str, float] = field(default_factory=dict, hash=False)
+    element_ns: dict[str, float] = field(default_factory=dict, hash=False)
+    decode_ps: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        keys, dims = tuple(int(k) for k in self.attention_keys), tuple(int(d) for d in self.attention_head_dims)
+        rates = tuple(tuple(float(r) for r in row) for row in self.attention_gflops)
+        for axis, name in ((keys, "keys"), (dims, "head_dims")):
+            if not axis or axis[0] < 1 or any(b <= a for a, b in zip(axis, axis[1:], strict=False)):
+                raise ProfileError(f"cpu_lane.attention: {name} must be positive and strictly increasing")
+        if len(rates) != len(dims) or any(len(row) != len(keys) for row in rates):
+            raise ProfileError(f"cpu_lane.attention: gflops must hold one row per head dim ({len(dims)}) of one "
+                               f"rate per key count ({len(keys)})")
+        if not all(r > 0 and math.isfinite(r) for row in rates for r in row):
+            raise ProfileError("cpu_lane.attention: the rates must be positive and finite")
+        for table in (self.task_us, self.task_hidden_ns, self.element_ns, self.decode_ps):
+            if not all(v >= 0 and math.isfinite(v) for v in table.values()):
+                raise ProfileError(f"cpu_lane: task and element costs must be >= 0 and finite, got {table}")
+        object.__setattr__(self, "attention_keys", keys)
+        object.__setattr__(self, "attention_head_dims", dims)
+        object.__setattr__(self, "attention_gflops", rates)
+
+    def attention_flop_rate(self, keys_per_query: float, head_dim: int = 128) -> float:
+        """FLOP/s of the attention core when each query sees ``keys_per_query`` keys on average, for heads of
+        ``head_dim`` (both interpolated in log scale between the measured points, constant beyond them)."""
+        by_dim = [_log_interp(self.attention_keys, row, keys_per_query) for row in self.attention_gflops]
+        return _log_interp(self.attention_head_dims, by_dim, head_dim) * 1e9
+
+
+def _log_interp(xs: tuple[int, ...], ys: tuple[float, ...] | list[float], x: float) -> float:
+    """``ys`` at ``x``, linear in log(x)-log(y) between the points ``xs``, constant beyond them."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    f = (math.log(x) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
+    return math.exp(math.log(ys[i - 1]) + f * (math.log(ys[i]) - math.log(ys[i - 1])))
+
+
 # ---- the machine ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -237,6 +313,7 @@ def round_figure(x: float) -> float:
 class HardwareProfile:
     """One machine. ``gpu`` and ``link`` are None for a CPU-only machine (e.g. one measured here).
 
+    ``cpu_lane`` (measured profiles only) prices offloadkit's CPU engine task by task.
     ``sources`` maps a dotted field name (``"cpu.dram_bandwidth_gbps"``, ``"curves.cpu_expert_f32"``)
     to where the figure comes from; ``derivations`` maps the same names to the spec peak and the
     effective fraction (or total and reserve) that produced a figure, where one did. ``path`` is the
@@ -252,6 +329,7 @@ class HardwareProfile:
     sources: dict[str, str] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
     derivations: dict[str, Derivation] = field(default_factory=dict)
+    cpu_lane: CpuLaneProfile | None = None
 
     def __hash__(self) -> int:  # the dict fields are not hashable; the machine itself is
         return hash((self.name, self.cpu, self.gpu, self.link))
@@ -278,4 +356,5 @@ class HardwareProfile:
         return out
 
 
-__all__ = ["CpuProfile", "Curve", "Derivation", "GpuProfile", "HardwareProfile", "LinkProfile", "canonical_dtype"]
+__all__ = ["HOST_KINDS", "LANE_TABLES", "CpuLaneProfile", "CpuProfile", "Curve", "Derivation", "GpuProfile",
+           "HardwareProfile", "LinkProfile", "canonical_dtype"]

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from offloadkit.errors import ProfileError
-from offloadkit.hardware.profile import Derivation, HardwareProfile
+from offloadkit.hardware.profile import LANE_TABLES, Derivation, HardwareProfile
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
 
@@ -87,7 +87,28 @@ def profile_to_toml(profile: HardwareProfile) -> str:
         source = profile.sources.get(f"curves.{kind}")
         if source:
             lines.append(f"source = {toml_string(source)}")
+    if profile.cpu_lane is not None:
+        lines += _cpu_lane_lines(profile)
     return "\n".join(lines) + "\n"
+
+
+def _cpu_lane_lines(profile: HardwareProfile) -> list[str]:
+    """The ``[cpu_lane]`` tables of a measured profile (the format: ``catalog.py``)."""
+    lane, src = profile.cpu_lane, profile.sources
+    assert lane is not None
+    lines = ["", "[cpu_lane]", f"name = {toml_string(lane.name)}",
+             "", "[cpu_lane.attention]",
+             "keys = [" + ", ".join(str(k) for k in lane.attention_keys) + "]",
+             "head_dims = [" + ", ".join(str(d) for d in lane.attention_head_dims) + "]",
+             "gflops = [" + ", ".join("[" + ", ".join(toml_number(r) for r in row) + "]"
+                                      for row in lane.attention_gflops) + "]"]
+    if src.get("cpu_lane.attention"):
+        lines.append(f"source = {toml_string(src['cpu_lane.attention'])}")
+    for key in LANE_TABLES:
+        lines += ["", f"[cpu_lane.{key}]"]
+        for kind, value in getattr(lane, key).items():
+            lines.append(f"{_toml_key(kind)} = {_figure(value, src.get(f'cpu_lane.{key}.{kind}'), None)}")
+    return lines
 
 
 def _toml_key(key: str) -> str:

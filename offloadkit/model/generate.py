@@ -104,14 +104,16 @@ def generate_ids(model: CausalLM, prompt_ids: list[int], max_new_tokens: int,
     if sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    # only the last position's logits are sampled: engines that can skip the others (logits_modes) do
+    last = {"logits": "last"} if "last" in getattr(model, "logits_modes", ()) else {}
     with torch.no_grad():
-        logits = model.forward(torch.tensor([prompt_ids]), cache)
+        logits = model.forward(torch.tensor([prompt_ids]), cache, **last)
         for i in range(max_new_tokens):
             token = sample_next(logits[0, -1], sampling, generator)
             yield token
             if token in stop_ids or i == max_new_tokens - 1:
                 return
-            logits = model.forward(torch.tensor([[token]]), cache)
+            logits = model.forward(torch.tensor([[token]]), cache, **last)
 
 
 def stream_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int,

@@ -16,6 +16,13 @@ built to be cheap: :class:`CostModel` resolves everything a profile and a model 
 constructor, into plain float attributes; each ``*_s`` method is a few float operations, with no numpy,
 no dict lookups by dtype and no allocation per call.
 
+Where the profile carries a measured ``cpu_lane`` (``offloadkit profile`` writes one), tasks on the
+``cpu`` lane are priced as offloadkit's CPU engine does the work (:mod:`offloadkit.plan.cpu_lane`: fixed
+costs per task kind, matmul curves per shape class, the attention core's own rate, the work between
+tasks), unless ``cpu_engine=False`` (a plan of another engine, e.g. llama.cpp's). ``kv_dtype`` is the
+KV cache's element type where it is not the weights' (offloadkit's CPU engine keeps it in float32).
+Catalog profiles have no ``cpu_lane``: they price as before.
+
 What it refuses: pricing a GPU task on a profile without a GPU, or a copy without a link (it raises
 :class:`~offloadkit.errors.PlanError`); and it does not model caches, NUMA, thermal clocks, or the
 overlap of compute and memory traffic inside one kernel (the roofline takes the max, not the sum).
@@ -26,8 +33,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from offloadkit.errors import PlanError
-from offloadkit.model.dtypes import DTYPE_BYTES
+from offloadkit.model.dtypes import DTYPE_BYTES, normalize_dtype
 from offloadkit.model.spec import ModelSpec
+from offloadkit.plan.cpu_lane import CpuLanePrices
 
 if TYPE_CHECKING:
     from offloadkit.hardware.profile import HardwareProfile
@@ -47,10 +55,13 @@ GPU_CURVE_KEYS: dict[str, str] = {"bfloat16": "gpu_matmul_bf16", "float16": "gpu
 class CostModel:
     """Seconds per task for one (hardware profile, model) pair; see the module docstring.
 
-    ``pinned`` selects the link's pinned or pageable bandwidth for copies that do not say.
+    ``pinned`` selects the link's pinned or pageable bandwidth for copies that do not say; ``kv_dtype`` the
+    KV cache's element type (default: the weights'); ``cpu_engine`` whether the ``cpu`` lane is offloadkit's
+    CPU engine, priced from the profile's ``cpu_lane`` where it has one (``self.cpu_lane``, else None).
     """
 
-    def __init__(self, profile: HardwareProfile, spec: ModelSpec, *, pinned: bool = True) -> None:
+    def __init__(self, profile: HardwareProfile, spec: ModelSpec, *, pinned: bool = True,
+                 kv_dtype: str | None = None, cpu_engine: bool = True) -> None:
         self.profile_name: str = profile.name
         self.dtype = spec.dtype
         self.weight_bytes = float(DTYPE_BYTES[spec.dtype])
@@ -74,9 +85,12 @@ class CostModel:
             self.gpu_bw = self.gpu_rate = self.gpu_overhead = 0.0
             self.link_latency = self.h2d_pinned = self.h2d_pageable = self.d2h_pinned = self.d2h_pageable = 0.0
         self.pinned = pinned
-        # Attention constants of the model: KV bytes per position per layer (spec dtype, K and V),
+        lane = getattr(profile, "cpu_lane", None)
+        self.cpu_lane = CpuLanePrices(lane, curves, spec, self.cpu_bw) if lane is not None and cpu_engine else None
+        self.kv_bytes = float(DTYPE_BYTES[normalize_dtype(kv_dtype)]) if kv_dtype else self.weight_bytes
+        # Attention constants of the model: KV bytes per position per layer (KV dtype, K and V),
         # FLOPs per visible (query, key) pair (QK^T and PV: 2 * 2 * heads * head_dim).
-        self.kv_bytes_per_pos = 2.0 * spec.n_kv_heads * spec.head_dim * self.weight_bytes
+        self.kv_bytes_per_pos = 2.0 * spec.n_kv_heads * spec.head_dim * self.kv_bytes
         self.attn_flops_per_pair = 4.0 * spec.n_heads * spec.head_dim
         self.attn_act_bytes_per_token = 2.0 * spec.n_heads * spec.head_dim * ACT_BYTES
         self.sliding_window = spec.sliding_window
@@ -149,8 +163,17 @@ class CostModel:
 
     def attention_s(self, lane: str, tokens: int, past: int, batch: int = 1, launches: int = 1) -> float:
         """The attention core (QK^T, softmax, PV) of one layer on the lane that holds its KV cache."""
+        if lane == "cpu" and self.cpu_lane is not None:
+            return self.cpu_lane.attention_s(tokens, self.attention_pairs(tokens, past), batch)
         bytes_, flops = self.attention_cost(tokens, past, batch)
         return self.roofline_s(lane, bytes_, flops, launches)
+
+    def cpu_task_s(self, kind: str, tokens: int, params: float = 0.0) -> float | None:
+        """A ``cpu``-lane task of ``kind`` as the CPU engine prices it (``tokens``: the rows it computes,
+        ``params``: its weights), or None where the profile has no ``cpu_lane`` (use the roofline)."""
+        if self.cpu_lane is None:
+            return None
+        return self.cpu_lane.task_s(kind, tokens, params)
 
     def small_op_s(self, lane: str, bytes_: float, flops: float = 0.0, launches: int = 1) -> float:
         """Norms, the router's softmax, residual adds, embedding lookups: usually pure overhead."""
@@ -162,7 +185,8 @@ class CostModel:
 
     def describe(self) -> dict[str, float]:
         """The resolved constants (bytes/s, FLOP/s, s), for tables and notebooks."""
-        out = {"cpu_bw": self.cpu_bw, "cpu_flops": self.cpu_rate, "cpu_overhead_s": self.cpu_overhead}
+        out = {"cpu_bw": self.cpu_bw, "cpu_flops": self.cpu_rate, "cpu_overhead_s": self.cpu_overhead,
+               "kv_bytes": self.kv_bytes}
         if self.has_gpu:
             out |= {"gpu_bw": self.gpu_bw, "gpu_flops": self.gpu_rate, "gpu_overhead_s": self.gpu_overhead,
                     "h2d_bw": self.h2d_pinned if self.pinned else self.h2d_pageable,
@@ -171,4 +195,13 @@ class CostModel:
         return out
 
 
-__all__ = ["ACT_BYTES", "CPU_CURVE_KEYS", "GPU_CURVE_KEYS", "CostModel"]
+def engine_options(plan: object) -> dict[str, object]:
+    """The :class:`CostModel` options a plan implies: ``meta["kv_dtype"]`` (default: the weights'), and whether
+    its ``cpu`` lane is offloadkit's CPU engine (``meta["cpu_engine"]``; default: every policy but ``llamacpp``,
+    whose CPU lane is llama.cpp's)."""
+    meta = getattr(plan, "meta", None) or {}
+    return {"kv_dtype": meta.get("kv_dtype"),
+            "cpu_engine": bool(meta.get("cpu_engine", getattr(plan, "policy", "") != "llamacpp"))}
+
+
+__all__ = ["ACT_BYTES", "CPU_CURVE_KEYS", "GPU_CURVE_KEYS", "CostModel", "engine_options"]

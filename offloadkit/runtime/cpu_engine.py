@@ -2,53 +2,177 @@
 
 This is the ``cpu-only`` end of the design (docs/DESIGN.md sections 8 and 9): every weight stays in host
 memory in its stored dtype (a memory-mapped checkpoint stays mapped) and every task runs on the
-``cpu`` lane: the experts, dense FFNs, attention projections, routers and lm_head through
-:mod:`offloadkit.kernels.cpu.experts` (decode kernel for a few tokens, prefill kernel for many); the
-norms and the attention core through the Numba kernels of :mod:`offloadkit.kernels.cpu.norms_attention`
-(each measured faster than torch there); softmax / top-k over the router's few logits, RoPE and the
-residual adds stay in torch.
+``cpu`` lane, through the Numba kernels of :mod:`offloadkit.kernels.cpu`: the experts, dense FFNs,
+attention projections, routers and lm_head on the decode kernels (a few tokens) or the prefill kernels
+(many), the norms, RoPE, the KV-cache write, the attention core and the router's softmax top-k on
+small kernels. Between them the activations stay one f32 numpy array per forward, the *residual
+stream* ``h`` [tokens, hidden], which the O projection, the experts and the FFNs add into in place:
+no torch op, conversion or allocation runs per layer that is not part of a task (issue 10 measured
+~4.5 ms of such fixed cost per token before, against llama.cpp's 0.5 ms).
 
-The math around the kernels (RoPE, the KV cache, routing rules, expert dispatch) is the reference
-forward's own: :class:`CpuEngine` *is* a
-:class:`~offloadkit.model.reference.ReferenceModel` whose weight-reading parts are replaced, so the
-two can only differ by the kernels' summation order, and greedy tokens match (docs/DESIGN.md section 10).
+The math is the reference forward's (:class:`~offloadkit.model.reference.ReferenceModel`, which this
+class *is*, for its weights, cache and generation helpers): the same RoPE, routing rules, expert
+dispatch and KV cache, so the two differ only by summation order and greedy tokens match
+(docs/DESIGN.md section 10). The KV cache is the reference's :class:`~offloadkit.model.reference.KVCache`
+in f32 (its compute dtype), written in place.
+
+``forward(ids, cache, logits="last")`` computes the final norm and the lm_head for the last position
+of each sequence only, which is all generation needs (and what llama-bench asks of llama.cpp);
+``logits="all"`` (the default, as the reference) computes them for every position.
 
 Every forward appends measured :class:`~offloadkit.runtime.timeline.TaskRecord` s to
-``engine.timeline`` (``source="measured"``, machine = this CPU and its threads): per layer the
-``attn_norm``, ``attn_qkv``, ``attention`` (the core), ``attn_o``, ``ffn_norm``, ``router``, one
-``expert e`` per expert used (or ``ffn``), then ``final_norm`` and ``lm_head``; ``step`` 0 is the
-prefill, 1, 2, ... the decode steps. A forward on a fresh cache (or without one) starts a new
-timeline.
+``engine.timeline`` (``source="measured"``, machine = this CPU, its extensions and its threads); ``step``
+0 is the prefill, 1, 2, ... the decode steps, and a forward on a fresh cache (or without one) starts a
+new timeline. Per layer, in order, the tasks and what each covers:
 
-What it refuses: batches whose sequences are not all at the same position (as the reference),
-devices other than the CPU, and training (no autograd through the kernels).
+- ``attn_norm``: the input norm;
+- ``attn_qkv``: the Q, K and V projections as one fused pass (one parallel launch at decode), their
+  biases, RoPE on Q and K, and K and V written into the KV cache (before issue 10 the cache write was
+  part of ``attention``);
+- ``attention``: the attention core over the cache, in place;
+- ``attn_o``: the O projection, added into the residual stream;
+- ``ffn_norm``: the post-attention norm;
+- ``router`` (MoE layers): the router's logits and its softmax top-k (or sparsemixer);
+- ``expert e``, one per expert used (kind ``expert``): that expert on the tokens that chose it,
+  weighted by the router and added into the residual stream (the weighting and the add were outside
+  any task before issue 10);
+- ``shared_expert`` (Qwen2-MoE): the shared expert times its sigmoid gate, added in;
+- ``ffn`` (dense layers): the SwiGLU FFN, added in;
+
+then ``embed`` (first: the embedding rows widened to f32, and the rotary rows, from a table cached per
+engine where the rope type does not depend on the sequence length), ``final_norm`` and ``lm_head``
+(last, both over the positions whose logits are asked for: one per sequence with ``logits="last"``).
+
+What it refuses: batches whose sequences are not all at the same position (as the reference), devices
+other than the CPU, KV caches in another dtype than f32, and training (no autograd through the kernels).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
+from numba.typed import List as NumbaList
 
 from offloadkit.errors import OffloadkitError
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu.experts import ExpertWeights, expert_rows, linear
-from offloadkit.kernels.cpu.norms_attention import causal_attention, layer_norm, rms_norm, use_torch_attention
-from offloadkit.kernels.cpu.primitives import storage_view
+from offloadkit.kernels.cpu.decode import _chunks, expert_decode, rows_dot
+from offloadkit.kernels.cpu.decode_layer import (
+    FIXED_STAMPS,
+    CycleClock,
+    cycle_clock,
+    decode_layer,
+    decode_step,
+    read_cycles,
+)
+from offloadkit.kernels.cpu.experts import DECODE_MAX_TOKENS, ExpertWeights, expert_rows, linear
+from offloadkit.kernels.cpu.layer_ops import gather_rows, qkv_rope, rope_store, router_topk, softmax_topk
+from offloadkit.kernels.cpu.norms_attention import (
+    _PARALLEL_ATTENTION_MACS,
+    attention_bthd,
+    layer_norm,
+    rms_norm,
+    use_torch_attention,
+)
+from offloadkit.kernels.cpu.prefill import expert_prefill, linear_prefill, linear_prefill_into
+from offloadkit.kernels.cpu.primitives import STORAGE, storage_view
 from offloadkit.model.reference import KVCache, ReferenceModel
+from offloadkit.model.reference import causal_attention as torch_attention
 from offloadkit.model.rope import rotary_tables
 from offloadkit.model.spec import ModelSpec
 from offloadkit.runtime.timeline import TaskRecord, Timeline
+
+#: ``forward(..., logits=...)``: every position's logits, or only each sequence's last.
+LOGITS_MODES = ("all", "last")
+#: Rope types whose tables do not depend on the sequence length: one table per engine serves every call.
+_STATIC_ROPE = ("default", "linear", "llama3")
+#: The decode kernels' token limit by kernel storage dtype (see offloadkit.kernels.cpu.experts).
+_DECODE_MAX = {STORAGE[name]: n for name, n in DECODE_MAX_TOKENS.items()}
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class _Norm:
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights in kernel storage (views, made once) and its tasks' fixed costs."""
+
+    attn_norm: _Norm
+    ffn_norm: _Norm
+    wq: np.ndarray
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray
+    qkv_bias: np.ndarray | None
+    o_bias: np.ndarray | None
+    qkv_bytes: int
+    qkv_params: int
+    o_bytes: int
+    o_params: int
+    router: np.ndarray | None = None
+    experts: list[ExpertWeights] | None = None
+    shared: ExpertWeights | None = None
+    shared_gate: np.ndarray | None = None
+    dense: ExpertWeights | None = None
+    fused: tuple | None = None  # the per-layer arguments of decode_layer, when the layer can take it
+    chunks: dict[tuple[int, int], tuple[int, int, int, int]] | None = None  # (threads, n) -> chunk counts
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: map the pages of a range now, reading them in if needed
+_PAGE = 4096
+
+
+@functools.cache
+def _madvise() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def map_pages(arrays: Iterable[np.ndarray]) -> None:
+    """Map every page of ``arrays`` into the process now (``madvise(MADV_POPULATE_READ)``, else a read of
+    one byte per page), so that the first forwards do not take page faults on a memory-mapped checkpoint.
+
+    A page of a memory-mapped file is mapped into the process at its first touch: a decode step that
+    meets an expert (or an embedding row) for the first time faulted on its pages, 35-250 µs per token
+    measured here for the embedding alone. llama.cpp maps its whole file with ``MAP_POPULATE`` for the
+    same reason (src/llama-mmap.cpp); the engine does it per layer when it first prepares the layer.
+    """
+    madvise = _madvise()
+    for a in arrays:
+        if a.size == 0:
+            continue
+        if madvise is not None:
+            start = a.ctypes.data // _PAGE * _PAGE
+            if madvise(start, a.ctypes.data + a.nbytes - start, _MADV_POPULATE_READ) == 0:
+                continue
+        flat = a.reshape(-1).view(np.uint8)
+        int(flat[::_PAGE].sum())
 
 
 class CpuEngine(ReferenceModel):
     """Run ``spec`` over ``weights`` (bf16 / f16 / f32, any mix) on the CPU, recording a measured Timeline."""
 
     engine_name = "cpu"
+    logits_modes = LOGITS_MODES
+    #: Run a decode step's layers in one compiled call (:func:`decode_step`) where every layer can; False
+    #: makes one call per layer (:func:`decode_layer`), as when some layer cannot.
+    whole_step = True
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
         super().__init__(spec, weights, torch.float32)
@@ -57,12 +181,24 @@ class CpuEngine(ReferenceModel):
         self._store: dict[str, np.ndarray] = {}
         self._experts: dict[str, ExpertWeights] = {}
         self._norms: dict[str, np.ndarray] = {}
-        self._nbytes: dict[str, int] = {}
-        self._attn_weights: dict[tuple[int, str], tuple[int, int]] = {}
+        self._layers: dict[int, _Layer] = {}
+        self._kv: dict[int, tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]] = {}
+        self._rope_table: tuple[np.ndarray, np.ndarray] | None = None
+        self._lm_head_bytes: int | None = None
+        self._step_lists: tuple | None = None  # decode_step's per-layer lists (False: some layer cannot)
+        self._step_chunks: dict[tuple[int, int], np.ndarray] = {}
+        self._kv_lists: tuple[list[torch.Tensor], NumbaList, NumbaList] | None = None
+        self._eps = np.float32(spec.norm_eps)
+        self._reserved: tuple[torch.Tensor | None, int] = (None, 0)  # (layer 0's K buffer, capacity) last checked
+        self._threads = numba.get_num_threads()
+        self._clock: CycleClock | None = cycle_clock()
+        self._c0 = 0  # the cycle counter when the timeline started
         self.machine = machine_label()
-        self.timeline = self._new_timeline()
+        self._timeline = self._new_timeline()
+        self._pending: list[TaskRecord] = []
         self._step = 0
-        self._t0 = time.perf_counter()
+        self._t0 = 0.0
+        self._start_clock()
 
     # ---- weights in kernel storage (views, made once) ------------------------------------------------
 
@@ -76,30 +212,163 @@ class CpuEngine(ReferenceModel):
             self._experts[prefix] = ExpertWeights.from_torch(*(self.weights[f"{prefix}.{n}.weight"] for n in names))
         return self._experts[prefix]
 
+    def _f32(self, name: str) -> np.ndarray:
+        if name not in self._norms:
+            self._norms[name] = self.weights[name].float().contiguous().numpy()
+        return self._norms[name]
+
+    def _f32_opt(self, name: str) -> np.ndarray | None:
+        return self._f32(name) if name in self._names else None
+
+    def _norm_weights(self, prefix: str) -> _Norm:
+        return _Norm(self._f32(f"{prefix}.weight"), self._f32(f"{prefix}.bias") if self.spec.norm_kind == "layer"
+                     else None)
+
+    def _nbytes(self, *names: str) -> int:
+        return sum(self.weights[n].numel() * self.weights[n].element_size() for n in names if n in self._names)
+
+    def _numel(self, *names: str) -> int:
+        return sum(self.weights[n].numel() for n in names if n in self._names)
+
+    def _layer(self, layer: int) -> _Layer:
+        if layer in self._layers:
+            return self._layers[layer]
+        s, p = self.spec, f"model.layers.{layer}"
+        a = f"{p}.self_attn"
+        biases = [self._f32_opt(f"{a}.{x}_proj.bias") for x in "qkv"]
+        if any(b is not None for b in biases):
+            sizes = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim)
+            qkv_bias = np.concatenate([b if b is not None else np.zeros(n, np.float32)
+                                       for b, n in zip(biases, sizes, strict=True)])
+        else:
+            qkv_bias = None
+        qkv_names = [f"{a}.{x}_proj.{k}" for x in "qkv" for k in ("weight", "bias")]
+        o_names = [f"{a}.o_proj.{k}" for k in ("weight", "bias")]
+        wq, wk, wv, wo = (self._stored(f"{a}.{x}_proj.weight") for x in "qkvo")
+        lw = _Layer(self._norm_weights(f"{p}.input_layernorm"), self._norm_weights(f"{p}.post_attention_layernorm"),
+                    wq, wk, wv, wo, qkv_bias, self._f32_opt(f"{a}.o_proj.bias"), self._nbytes(*qkv_names),
+                    self._numel(*qkv_names), self._nbytes(*o_names), self._numel(*o_names))
+        if s.is_moe_layer(layer):
+            m = s.moe_prefix(layer)
+            lw.router = self._stored(f"{m}.gate.weight")
+            lw.experts = [self._expert_weights(f"{m}.experts.{e}", s.expert_names()) for e in range(s.n_experts)]
+            if s.shared_expert_intermediate_size:
+                lw.shared = self._expert_weights(f"{m}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
+                lw.shared_gate = self._stored(f"{m}.shared_expert_gate.weight")
+        else:
+            lw.dense = self._expert_weights(f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"))
+        lw.fused = self._fused_args(lw)
+        lw.chunks = {}
+        ffns = (lw.experts or []) + [f for f in (lw.dense, lw.shared) if f is not None]
+        map_pages([lw.wq, lw.wk, lw.wv, lw.wo, *(m for f in ffns for m in (f.w_gate, f.w_up, f.w_down))])
+        self._layers[layer] = lw
+        return lw
+
+    def _fused_args(self, lw: _Layer) -> tuple | None:
+        """The arguments of :func:`decode_layer` that do not change between steps, or None where the layer
+        needs the separate path (sparsemixer routing, weights in mixed dtypes, no cycle counter)."""
+        s = self.spec
+        ffns = lw.experts if lw.dense is None else [lw.dense]
+        mats = [lw.wq, lw.wk, lw.wv, lw.wo] + [m for ew in ffns for m in (ew.w_gate, ew.w_up, ew.w_down)]
+        if lw.dense is None:
+            mats.append(lw.router)
+        if lw.shared is not None:
+            mats += [lw.shared.w_gate, lw.shared.w_up, lw.shared.w_down, lw.shared_gate]
+        if self._clock is None or s.router == "sparsemixer" or len({m.dtype for m in mats}) != 1:
+            return None
+        dtype, hidden = lw.wq.dtype, s.hidden_size
+        empty = np.zeros((0, hidden), dtype=dtype)
+        norm_b = (lw.attn_norm.bias, lw.ffn_norm.bias) if lw.attn_norm.bias is not None else (_EMPTY, _EMPTY)
+        shared = ((lw.shared.w_gate, lw.shared.w_up, lw.shared.w_down, lw.shared_gate) if lw.shared is not None
+                  else (empty, empty, empty, empty))
+        lists = [NumbaList([getattr(ew, a) for ew in ffns]) for a in ("w_gate", "w_up", "w_down")]
+        return (norm_b, lw.qkv_bias if lw.qkv_bias is not None else _EMPTY,
+                lw.o_bias if lw.o_bias is not None else _EMPTY, lw.router if lw.dense is None else empty,
+                *lists, *shared)
+
+    def _fused_chunks(self, lw: _Layer, n: int) -> tuple[int, int, int, int]:
+        """Parallel chunks (0: serial) of the QKV, O, gate/up and down passes for ``n`` tokens."""
+        key = (self._threads, n)
+        if key not in lw.chunks:
+            ffn = lw.dense if lw.dense is not None else lw.experts[0]
+            rows = lw.wq.shape[0] + lw.wk.shape[0] + lw.wv.shape[0]
+            size = lw.wq.itemsize
+            lw.chunks[key] = (_chunks(rows * lw.wq.shape[1] * size, rows, n, self._threads),
+                              _chunks(lw.wo.size * size, lw.wo.shape[0], n, self._threads),
+                              _chunks(2 * ffn.w_gate.size * size, ffn.intermediate, n, self._threads),
+                              _chunks(ffn.w_down.size * size, ffn.hidden, n, self._threads))
+        return lw.chunks[key]
+
     # ---- the timeline --------------------------------------------------------------------------------
 
     def _new_timeline(self) -> Timeline:
+        threads = numba.get_num_threads()
+        if f", {threads} threads" not in self.machine:  # the threads were changed since (numba.set_num_threads)
+            self.machine = machine_label(threads)
         return Timeline("measured", self.machine, meta={"engine": self.engine_name, "model": self.spec.name or
                                                           self.spec.arch, "dtype": self.spec.dtype})
 
-    @contextmanager
-    def _task(self, name: str, kind: str, layer: int | None = None, bytes_: int = 0,
-              flops: int = 0) -> Iterator[None]:
-        start = time.perf_counter() - self._t0
-        yield
-        self.timeline.add(TaskRecord("cpu", name, start, time.perf_counter() - self._t0, layer, kind,
-                                     int(bytes_), int(flops), self._step))
+    @property
+    def timeline(self) -> Timeline:
+        """The measured timeline of the forwards since the last fresh cache (records are kept as tuples
+        while the engine runs, and made :class:`TaskRecord` s here: ~2 µs saved per task)."""
+        if self._pending:
+            records = []
+            for r in self._pending:
+                if r[0] is None:
+                    records.extend(self._fused_records(*r[1:]))
+                else:
+                    records.append(TaskRecord("cpu", *r))
+            self._timeline.extend(records)
+            self._pending.clear()
+        return self._timeline
 
-    def _bytes(self, *names: str) -> int:
-        """Stored bytes of the named weights (absent names count 0); computed once per name."""
-        total = 0
-        for n in names:
-            if n not in self._nbytes:
-                self._nbytes[n] = self.weights[n].numel() * self.weights[n].element_size() if n in self.weights else 0
-            total += self._nbytes[n]
-        return total
+    def _fused_records(self, layer: int, step: int, b: int, t: int, start: int, c0: int, stamps: np.ndarray,
+                       used: np.ndarray, counts: np.ndarray, n_used: int) -> list[TaskRecord]:
+        """The task records of one :func:`decode_layer` call, from its cycle stamps."""
+        s, lw, n, d = self.spec, self._layers[layer], b * t, self.spec.hidden_size
+        hz = self._clock.hz
+        at = [(int(c) - c0) / hz for c in stamps]
+        keys = start + t
+        tasks = [("attn_norm", "attn_norm", 4 * d, 0), ("attn_qkv", "attn_qkv", lw.qkv_bytes, 2 * n * lw.qkv_params),
+                 ("attention", "attention", b * 2 * keys * s.n_kv_heads * s.head_dim * 4,
+                  b * 4 * t * keys * s.n_heads * s.head_dim),
+                 ("attn_o", "attn_o", lw.o_bytes, 2 * n * lw.o_params), ("ffn_norm", "ffn_norm", 4 * d, 0)]
+        if lw.dense is not None:
+            tasks.append(("ffn", "ffn", lw.dense.nbytes, 6 * n * d * lw.dense.intermediate))
+        else:
+            tasks.append(("router", "router", lw.router.nbytes, 2 * n * d * s.n_experts))
+            for e, m in zip(used[:n_used], counts[:n_used], strict=True):
+                ew = lw.experts[int(e)]
+                tasks.append((f"expert {int(e)}", "expert", ew.nbytes, 6 * int(m) * ew.hidden * ew.intermediate))
+            if lw.shared is not None:
+                tasks.append(("shared_expert", "shared_expert", lw.shared.nbytes + lw.shared_gate.nbytes,
+                              6 * n * lw.shared.hidden * lw.shared.intermediate))
+        return [TaskRecord("cpu", name, at[i], at[i + 1], layer, kind, bytes_, flops, step)
+                for i, (name, kind, bytes_, flops) in enumerate(tasks)]
 
-    # ---- the parts, on the kernels ---------------------------------------------------------------------
+    @timeline.setter
+    def timeline(self, value: Timeline) -> None:
+        self._pending.clear()
+        self._timeline = value
+
+    def _start_clock(self) -> None:
+        """Start the timeline's clock: the cycle counter where it ticks (one clock for every record, the
+        Python-timed ones and those stamped inside :func:`decode_layer`), else ``time.perf_counter``."""
+        self._t0 = time.perf_counter()
+        self._c0 = int(read_cycles()) if self._clock is not None else 0
+
+    def _now(self) -> float:
+        """Seconds since the timeline started."""
+        if self._clock is not None:
+            return (read_cycles() - self._c0) / self._clock.hz
+        return time.perf_counter() - self._t0
+
+    def _rec(self, name: str, kind: str, layer: int | None, t0: float, t1: float, bytes_: int = 0,
+             flops: int = 0) -> None:
+        self._pending.append((name, t0, t1, layer, kind, bytes_, flops, self._step))
+
+    # ---- the parts as the reference names them (torch in, torch out), on the kernels ---------------------
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         w = self._stored(f"{prefix}.weight")
@@ -108,145 +377,368 @@ class CpuEngine(ReferenceModel):
         bias = self.bias(f"{prefix}.bias")
         return y if bias is None else y + bias
 
-    def _f32(self, name: str) -> np.ndarray:
-        if name not in self._norms:
-            self._norms[name] = self.weights[name].float().contiguous().numpy()
-        return self._norms[name]
-
     def norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous().numpy()
-        if self.spec.norm_kind == "layer":
-            y = layer_norm(flat, self._f32(f"{prefix}.weight"), self._f32(f"{prefix}.bias"), self.spec.norm_eps)
-        else:
-            y = rms_norm(flat, self._f32(f"{prefix}.weight"), self.spec.norm_eps)
-        return torch.from_numpy(y).view(x.shape)
-
-    def attention_core(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                       cache: KVCache | None) -> torch.Tensor:
-        """The reference's attention core on the Numba kernel, reading the cache in place."""
-        s = self.spec
-        b, _, t, _ = q.shape
-        if use_torch_attention(t, start):
-            return super().attention_core(layer, q, k, v, start, cache)
-        q, k = q.contiguous(), k.contiguous()
-        if cache is not None:
-            cache.update(layer, k, v)
-            k, v = cache.k[layer], cache.v[layer]  # the whole buffers: the kernel reads [0, start + t)
-        o = causal_attention(q.numpy(), k.numpy(), v.contiguous().numpy(), start + t, start, s.sliding_window)
-        return torch.from_numpy(o).transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim)
-
-    def _swiglu(self, prefix: str, names: tuple[str, str, str], x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(expert_rows(x.contiguous(), self._expert_weights(prefix, names)))
+        return torch.from_numpy(self._norm(flat, self._norm_weights(prefix))).view(x.shape)
 
     def expert(self, layer: int, e: int, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         ew = self._expert_weights(f"{self.spec.moe_prefix(layer)}.experts.{e}", self.spec.expert_names())
         return torch.from_numpy(expert_rows(x.contiguous(), ew, rows))
 
     def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        return self._swiglu(f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"), flat).view(x.shape)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        ew = self._expert_weights(f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
+        return torch.from_numpy(expert_rows(flat, ew)).view(x.shape)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from offloadkit.model.moe import route_softmax_topk, route_sparsemixer
+        weights, experts = self._route(self._layer(layer), x.contiguous().numpy())
+        return torch.from_numpy(weights), torch.from_numpy(experts)
 
-        logits = self.linear(x, f"{self.spec.moe_prefix(layer)}.gate")
-        if self.spec.router == "sparsemixer":
-            return route_sparsemixer(logits, self.spec.router_jitter_eps)
-        return route_softmax_topk(logits, self.spec.top_k, self.spec.norm_topk_prob)
+    # ---- the numpy path the forward runs ---------------------------------------------------------------
 
-    def moe_ffn(self, layer: int, x: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
-        s, m, n = self.spec, self.spec.moe_prefix(layer), x.shape[0]
-        router_flops = 2 * n * s.hidden_size * s.n_experts
-        with self._task("router", "router", layer, self._bytes(f"{m}.gate.weight"), router_flops):
-            weights, experts = self.route(layer, x)
-        if routing is not None:
-            routing[layer] = experts
-        out = torch.zeros_like(x)
-        for e in torch.unique(experts).tolist():
-            token, slot = torch.where(experts == e)
-            ew = self._expert_weights(f"{m}.experts.{e}", s.expert_names())
-            with self._task(f"expert {e}", "expert", layer, ew.nbytes,
-                            6 * len(token) * ew.hidden * ew.intermediate):
-                y = self.expert(layer, int(e), x[token])
-                out.index_add_(0, token, y * weights[token, slot, None])
-        if s.shared_expert_intermediate_size:
-            names = ("gate_proj", "up_proj", "down_proj")
-            shared = self._expert_weights(f"{m}.shared_expert", names)
-            with self._task("shared_expert", "shared_expert", layer, shared.nbytes + self._bytes(
-                    f"{m}.shared_expert_gate.weight"), 6 * n * shared.hidden * shared.intermediate):
-                y = self._swiglu(f"{m}.shared_expert", names, x)
-                out = out + torch.sigmoid(self.linear(x, f"{m}.shared_expert_gate")) * y
+    def _norm(self, x: np.ndarray, n: _Norm) -> np.ndarray:
+        if n.bias is not None:
+            return layer_norm(x, n.weight, n.bias, self.spec.norm_eps, self._threads)
+        return rms_norm(x, n.weight, self.spec.norm_eps, self._threads)
+
+    def _lin(self, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        """``out (+)= x · Wᵀ`` on the kernel the token count calls for (arrays the engine made: no checks)."""
+        if out is None:
+            out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        if x.shape[0] <= _DECODE_MAX[w.dtype]:
+            rows_dot(x, w, 0, out, accumulate, self._threads)
+        else:
+            linear_prefill(x, w, out, accumulate=accumulate)
         return out
 
-    def _projection_cost(self, layer: int, projections: str, tokens: int) -> tuple[int, int]:
-        """(bytes, flops) of the ``projections`` (e.g. ``"qkv"``, ``"o"``) of a layer for ``tokens`` tokens."""
-        key = (layer, projections)
-        if key not in self._attn_weights:
-            p = f"model.layers.{layer}.self_attn"
-            names = [n for n in (f"{p}.{x}_proj.{k}" for x in projections for k in ("weight", "bias"))
-                     if n in self.weights]
-            self._attn_weights[key] = (self._bytes(*names), sum(self.weights[n].numel() for n in names))
-        weight_bytes, params = self._attn_weights[key]
-        return weight_bytes, 2 * tokens * params
+    def _swiglu(self, x: np.ndarray, ew: ExpertWeights, out: np.ndarray, scale: np.ndarray | None = None) -> None:
+        """``out += scale ⊙ expert(x)`` on the kernel the token count calls for."""
+        if x.shape[0] <= _DECODE_MAX[ew.w_gate.dtype]:
+            expert_decode(x, ew.w_gate, ew.w_up, ew.w_down, 0, ew.intermediate, out, scale, self._threads)
+        else:
+            expert_prefill(x, ew.w_gate, ew.w_up, ew.w_down, 0, ew.intermediate, out, scale=scale)
 
-    def _core_cost(self, batch: int, tokens: int, start: int) -> tuple[int, int]:
-        """(bytes, flops) of the attention core: the f32 KV cache read, QK^T and PV for every head."""
-        s, keys = self.spec, start + tokens
-        kv_bytes = batch * 2 * keys * s.n_kv_heads * s.head_dim * 4
-        return kv_bytes, batch * 4 * tokens * keys * s.n_heads * s.head_dim
+    def _qkv(self, x: np.ndarray, lw: _Layer) -> np.ndarray:
+        """[n, (H + 2 KV) D]: the three projections, each on the kernel its token count and dtype call for."""
+        wq, wk, wv = lw.wq, lw.wk, lw.wv
+        out = np.empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=np.float32)
+        xt, yt, c0 = torch.from_numpy(x), torch.from_numpy(out), 0
+        for w in (wq, wk, wv):
+            if x.shape[0] <= _DECODE_MAX[w.dtype]:
+                rows_dot(x, w, 0, out[:, c0:c0 + w.shape[0]], False, self._threads)
+            else:
+                linear_prefill_into(xt, w, yt[:, c0:c0 + w.shape[0]])
+            c0 += w.shape[0]
+        return out
 
-    def decoder_layer(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                      cache: KVCache | None, routing: dict | None) -> torch.Tensor:
-        p, (b, t, d) = f"model.layers.{layer}", h.shape
-        with self._task("attn_norm", "attn_norm", layer, 4 * d):
-            x = self.norm(h, f"{p}.input_layernorm")
-        # the three parts of attention, as the simulator's task graph names them
-        with self._task("attn_qkv", "attn_qkv", layer, *self._projection_cost(layer, "qkv", b * t)):
-            q, k, v = self.attn_qkv(layer, x, cos, sin)
-        with self._task("attention", "attention", layer, *self._core_cost(b, t, start)):
-            o = self.attention_core(layer, q, k, v, start, cache)
-        with self._task("attn_o", "attn_o", layer, *self._projection_cost(layer, "o", b * t)):
-            h = h + self.attn_o(layer, o)
-        with self._task("ffn_norm", "ffn_norm", layer, 4 * d):
-            x = self.norm(h, f"{p}.post_attention_layernorm")
-        if self.spec.is_moe_layer(layer):
-            return h + self.moe_ffn(layer, x.reshape(b * t, d), routing).view(b, t, d)
-        names = [f"{p}.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
-        with self._task("ffn", "ffn", layer, self._bytes(*names), 6 * b * t * d * self.spec.intermediate_size):
-            return h + self.dense_ffn(layer, x)
+    def _route(self, lw: _Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [N, k] f32, experts [N, k] int64) of the router on ``x`` [N, H]."""
+        from offloadkit.model.moe import route_sparsemixer
+
+        if self.spec.router != "sparsemixer" and x.shape[0] <= _DECODE_MAX[lw.router.dtype]:
+            return router_topk(x, lw.router, self.spec.top_k, self.spec.norm_topk_prob)
+        logits = self._lin(x, lw.router)
+        if self.spec.router == "sparsemixer":
+            w, e = route_sparsemixer(torch.from_numpy(logits), self.spec.router_jitter_eps)
+            return w.float().contiguous().numpy(), e.contiguous().numpy()
+        return softmax_topk(logits, self.spec.top_k, self.spec.norm_topk_prob)
+
+    def _rope(self, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [t, D] f32 of positions ``[start, start + t)`` (rows of a cached table when static)."""
+        s = self.spec
+        if s.rope.rope_type not in _STATIC_ROPE or (s.arch == "phimoe" and s.rope.rope_type != "default"):
+            cos, sin = rotary_tables(s, torch.arange(start, start + t), torch.float32)
+            return cos.contiguous().numpy(), sin.contiguous().numpy()
+        end = start + t
+        if self._rope_table is None or self._rope_table[0].shape[0] < end:
+            size = max(end, 256, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]))
+            cos, sin = rotary_tables(s, torch.arange(size), torch.float32)
+            self._rope_table = (cos.contiguous().numpy(), sin.contiguous().numpy())
+        return self._rope_table[0][start:end], self._rope_table[1][start:end]
+
+    def _kv_arrays(self, cache: KVCache, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy views of the cache's K and V of ``layer`` (remade when the cache or its buffers change)."""
+        tk, tv = cache.k[layer], cache.v[layer]
+        held = self._kv.get(layer)
+        if held is None or held[0] is not tk or held[2] is not tv:
+            held = (tk, tk.numpy(), tv, tv.numpy())
+            self._kv[layer] = held
+        return held[1], held[3]
+
+    def _reserve(self, cache: KVCache, batch: int, end: int) -> None:
+        """Check the cache and grow every layer's buffers to hold ``end`` positions (as ``KVCache.update``)."""
+        k0 = cache.k[0] if cache.k else None
+        if self._reserved[0] is k0 and end <= self._reserved[1] and cache.batch == batch:
+            return  # the cache this engine checked and grew last time, still large enough
+        if cache.batch != batch:
+            raise OffloadkitError(f"the cache holds a batch of {cache.batch}, the input has {batch}")
+        if cache.dtype != torch.float32 or cache.device.type != "cpu":
+            raise OffloadkitError(f"the CPU engine keeps its KV cache in f32 on the CPU; this one is {cache.dtype} on "
+                                  f"{cache.device}: make it with engine.new_cache()")
+        for layer in range(self.spec.n_layers):
+            capacity = cache.k[layer].shape[2]
+            if end > capacity:
+                pad = torch.zeros(cache.batch, cache.n_kv_heads, max(end, 2 * capacity) - capacity, cache.head_dim,
+                                  dtype=cache.dtype)
+                cache.k[layer] = torch.cat((cache.k[layer], pad), dim=2)
+                cache.v[layer] = torch.cat((cache.v[layer], pad), dim=2)
+        self._reserved = (cache.k[0] if cache.k else None, min((k.shape[2] for k in cache.k), default=0))
+
+    def _attention(self, layer: int, lw: _Layer, x: np.ndarray, h: np.ndarray, b: int, t: int, start: int,
+                   cache: KVCache | None, cos: np.ndarray, sin: np.ndarray) -> None:
+        s, n = self.spec, b * t
+        t0 = self._now()
+        q = np.empty((b, t, s.n_heads, s.head_dim), dtype=np.float32)
+        if cache is not None:
+            k_all, v_all = self._kv_arrays(cache, layer)
+        else:
+            k_all = np.empty((b, s.n_kv_heads, t, s.head_dim), dtype=np.float32)
+            v_all = np.empty_like(k_all)
+        if n <= _DECODE_MAX[lw.wq.dtype] and lw.wq.dtype == lw.wk.dtype == lw.wv.dtype:
+            qkv_rope(x, lw.wq, lw.wk, lw.wv, lw.qkv_bias, cos, sin, start, q, k_all, v_all, self._threads)
+        else:
+            qkv = self._qkv(x, lw)
+            if lw.qkv_bias is not None:
+                qkv += lw.qkv_bias
+            rope_store(qkv, cos, sin, start, q, k_all, v_all, self._threads)
+        t1 = self._now()
+        self._rec("attn_qkv", "attn_qkv", layer, t0, t1, lw.qkv_bytes, 2 * n * lw.qkv_params)
+        keys = start + t
+        if use_torch_attention(t, start):
+            qt = torch.from_numpy(q).transpose(1, 2)
+            kt, vt = (torch.from_numpy(a)[:, :, :keys] for a in (k_all, v_all))
+            o = torch_attention(qt, kt, vt, start, s.sliding_window).transpose(1, 2).contiguous().numpy()
+        else:
+            o = attention_bthd(q, k_all, v_all, keys, start, s.sliding_window, threads=self._threads)
+        t2 = self._now()
+        self._rec("attention", "attention", layer, t1, t2, b * 2 * keys * s.n_kv_heads * s.head_dim * 4,
+                  b * 4 * t * keys * s.n_heads * s.head_dim)
+        self._lin(o.reshape(n, s.n_heads * s.head_dim), lw.wo, out=h, accumulate=True)
+        if lw.o_bias is not None:
+            h += lw.o_bias
+        self._rec("attn_o", "attn_o", layer, t2, self._now(), lw.o_bytes, 2 * n * lw.o_params)
+
+    def _moe(self, layer: int, lw: _Layer, x: np.ndarray, h: np.ndarray, routing: dict | None) -> None:
+        s, n = self.spec, x.shape[0]
+        t0 = self._now()
+        weights, experts = self._route(lw, x)
+        if routing is not None:
+            routing[layer] = torch.from_numpy(experts)
+        t1 = self._now()
+        self._rec("router", "router", layer, t0, t1, lw.router.nbytes, 2 * n * s.hidden_size * s.n_experts)
+        k = experts.shape[1]
+        if n == 1:  # a decode step: no gathering, the weighted outputs go straight into the residual stream
+            for j in sorted(range(k), key=lambda j: experts[0, j]):
+                e = int(experts[0, j])
+                ew = lw.experts[e]
+                self._swiglu(x, ew, h, weights[0, j:j + 1])
+                t2 = self._now()
+                self._rec(f"expert {e}", "expert", layer, t1, t2, ew.nbytes, 6 * ew.hidden * ew.intermediate)
+                t1 = t2
+        else:
+            flat = experts.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            bounds = np.concatenate(([0], np.cumsum(np.bincount(flat, minlength=s.n_experts))))
+            for e in range(s.n_experts):
+                if bounds[e] == bounds[e + 1]:
+                    continue
+                sel = order[bounds[e]:bounds[e + 1]]
+                token, slot = sel // k, sel % k
+                ew = lw.experts[e]
+                y = np.zeros((len(token), ew.hidden), dtype=np.float32)
+                self._swiglu(x[token], ew, y, np.ascontiguousarray(weights[token, slot]))
+                h[token] += y  # each token chose e once: the rows are distinct
+                t2 = self._now()
+                self._rec(f"expert {e}", "expert", layer, t1, t2, ew.nbytes,
+                          6 * len(token) * ew.hidden * ew.intermediate)
+                t1 = t2
+        if lw.shared is not None:
+            gate = self._lin(x, lw.shared_gate).reshape(-1)
+            sig = (1.0 / (1.0 + np.exp(-gate))).astype(np.float32)
+            self._swiglu(x, lw.shared, h, sig)
+            self._rec("shared_expert", "shared_expert", layer, t1, self._now(),
+                      lw.shared.nbytes + lw.shared_gate.nbytes, 6 * n * lw.shared.hidden * lw.shared.intermediate)
+
+    def _decoder_layer(self, layer: int, h: np.ndarray, b: int, t: int, start: int, cache: KVCache | None,
+                       routing: dict | None, cos: np.ndarray, sin: np.ndarray) -> None:
+        """One layer on the residual stream ``h`` [b * t, hidden], in place."""
+        lw, d = self._layer(layer), self.spec.hidden_size
+        if lw.fused is not None and h.shape[0] <= _DECODE_MAX[lw.wq.dtype] and not use_torch_attention(t, start):
+            self._fused_layer(layer, lw, h, b, t, start, cache, routing, cos, sin)
+            return
+        t0 = self._now()
+        x = self._norm(h, lw.attn_norm)
+        self._rec("attn_norm", "attn_norm", layer, t0, self._now(), 4 * d)
+        self._attention(layer, lw, x, h, b, t, start, cache, cos, sin)
+        t0 = self._now()
+        x = self._norm(h, lw.ffn_norm)
+        t1 = self._now()
+        self._rec("ffn_norm", "ffn_norm", layer, t0, t1, 4 * d)
+        if lw.dense is None:
+            self._moe(layer, lw, x, h, routing)
+            return
+        self._swiglu(x, lw.dense, h)
+        self._rec("ffn", "ffn", layer, t1, self._now(), lw.dense.nbytes,
+                  6 * x.shape[0] * d * lw.dense.intermediate)
+
+    def _fused_layer(self, layer: int, lw: _Layer, h: np.ndarray, b: int, t: int, start: int,
+                     cache: KVCache | None, routing: dict | None, cos: np.ndarray, sin: np.ndarray) -> None:
+        """The layer as one :func:`decode_layer` call; its tasks' records come from the call's stamps."""
+        s, n = self.spec, h.shape[0]
+        if cache is not None:
+            k_all, v_all = self._kv_arrays(cache, layer)
+        else:
+            k_all = np.empty((b, s.n_kv_heads, t, s.head_dim), dtype=np.float32)
+            v_all = np.empty_like(k_all)
+        norm_b, qkv_bias, o_bias, router, w1s, w3s, w2s, sh1, sh3, sh2, shg = lw.fused
+        n_qkv, n_o, n_up, n_down = self._fused_chunks(lw, n)
+        par_attn = self._threads > 1 and n * s.n_heads * s.head_dim * (start + t) >= _PARALLEL_ATTENTION_MACS
+        k = max(s.top_k, 1)
+        experts = np.empty((n, k), dtype=np.int64)
+        stamps = np.zeros(FIXED_STAMPS + s.n_experts + 1, dtype=np.int64)
+        used = np.empty(max(s.n_experts, 1), dtype=np.int64)
+        counts = np.empty_like(used)
+        n_used = decode_layer(h, lw.attn_norm.weight, norm_b[0], lw.ffn_norm.weight, norm_b[1], self._eps,
+                              lw.attn_norm.bias is not None, lw.wq, lw.wk, lw.wv, qkv_bias, n_qkv, cos, sin, b, start,
+                              k_all, v_all, s.sliding_window or 0, par_attn, lw.wo, o_bias, n_o, s.n_heads,
+                              s.head_dim, lw.dense is None, router, k, s.norm_topk_prob, w1s, w3s, w2s, n_up, n_down,
+                              sh1, sh3, sh2, shg, experts, stamps, used, counts)
+        if routing is not None and lw.dense is None:
+            routing[layer] = torch.from_numpy(experts)
+        self._pending.append((None, layer, self._step, b, t, start, self._c0, stamps, used, counts, n_used))
+
+    def _whole_step_lists(self) -> tuple | None:
+        """:func:`decode_step`'s per-layer weight lists (made once), or None where a layer needs the separate
+        path or the layers' arrays do not share types (e.g. weights in different dtypes per layer)."""
+        if self._step_lists is None:
+            layers = [self._layer(layer) for layer in range(self.spec.n_layers)]
+            self._step_lists = False
+            if all(lw.fused is not None for lw in layers):
+                try:
+                    f = [lw.fused for lw in layers]
+                    self._step_lists = (
+                        NumbaList([lw.attn_norm.weight for lw in layers]), NumbaList([x[0][0] for x in f]),
+                        NumbaList([lw.ffn_norm.weight for lw in layers]), NumbaList([x[0][1] for x in f]),
+                        *(NumbaList([getattr(lw, w) for lw in layers]) for w in ("wq", "wk", "wv", "wo")),
+                        *(NumbaList([x[i] for x in f]) for i in range(1, 11)),
+                        np.array([lw.dense is None for lw in layers]))
+                except Exception:  # noqa: BLE001 - numba refuses lists of unlike arrays: the per-layer calls do
+                    self._step_lists = False
+        return self._step_lists or None
+
+    def _fused_step(self, lists: tuple, h: np.ndarray, b: int, t: int, start: int, cache: KVCache | None,
+                    routing: dict | None, cos: np.ndarray, sin: np.ndarray) -> None:
+        """Every layer in one :func:`decode_step` call; the records come from its stamps, layer by layer."""
+        s, n, n_layers = self.spec, h.shape[0], self.spec.n_layers
+        (n1w, n1b, n2w, n2b, wq, wk, wv, wo, qkv_bias, o_bias, router, w1s, w3s, w2s, sh1, sh3, sh2, shg, moe) = lists
+        if cache is not None:
+            held = self._kv_lists
+            if held is None or any(a is not b_ for a, b_ in zip(held[0], cache.k, strict=True)) or \
+                    any(a is not b_ for a, b_ in zip(held[1], cache.v, strict=True)):
+                arrays = [self._kv_arrays(cache, layer) for layer in range(n_layers)]
+                held = (list(cache.k), list(cache.v), NumbaList([a[0] for a in arrays]),
+                        NumbaList([a[1] for a in arrays]))
+                self._kv_lists = held
+            k_list, v_list = held[2], held[3]
+        else:
+            shape = (b, s.n_kv_heads, t, s.head_dim)
+            k_list = NumbaList([np.empty(shape, dtype=np.float32) for _ in range(n_layers)])
+            v_list = NumbaList([np.empty(shape, dtype=np.float32) for _ in range(n_layers)])
+        key = (self._threads, n)
+        if key not in self._step_chunks:
+            self._step_chunks[key] = np.array([self._fused_chunks(self._layers[layer], n) for layer in range(n_layers)],
+                                              dtype=np.int64)
+        par_attn = self._threads > 1 and n * s.n_heads * s.head_dim * (start + t) >= _PARALLEL_ATTENTION_MACS
+        k = max(s.top_k, 1)
+        width = FIXED_STAMPS + s.n_experts + 1
+        experts = np.empty((n_layers, n, k), dtype=np.int64)
+        stamps = np.zeros((n_layers, width), dtype=np.int64)
+        used = np.empty((n_layers, max(s.n_experts, 1)), dtype=np.int64)
+        counts = np.empty_like(used)
+        n_used = np.zeros(n_layers, dtype=np.int64)
+        decode_step(h, n1w, n1b, n2w, n2b, self._eps, s.norm_kind == "layer", wq, wk, wv, qkv_bias, cos, sin, b, start,
+                    k_list, v_list, s.sliding_window or 0, par_attn, wo, o_bias, s.n_heads, s.head_dim, moe, router, k,
+                    s.norm_topk_prob, w1s, w3s, w2s, sh1, sh3, sh2, shg, self._step_chunks[key], experts, stamps, used,
+                    counts, n_used)
+        for layer in range(n_layers):
+            if routing is not None and moe[layer]:
+                routing[layer] = torch.from_numpy(experts[layer])
+            self._pending.append((None, layer, self._step, b, t, start, self._c0, stamps[layer], used[layer],
+                                  counts[layer], int(n_used[layer])))
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        table = self._store.get("model.embed_tokens.weight")
+        if table is None:
+            table = self._stored("model.embed_tokens.weight")
+            map_pages([table])
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise OffloadkitError(f"token ids must be in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}")
+        return gather_rows(table, ids)
 
     # ---- the model -------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
-                routing: dict | None = None) -> torch.Tensor:
-        """Logits f32 [B, T, V], as :meth:`ReferenceModel.forward`, recording each task in ``self.timeline``."""
+                routing: dict | None = None, logits: str = "all") -> torch.Tensor:
+        """Logits f32 [B, T, V] (``logits="all"``, as :meth:`ReferenceModel.forward`) or [B, 1, V] for each
+        sequence's last position (``logits="last"``), recording each task in ``self.timeline``."""
         if input_ids.dim() != 2:
             raise OffloadkitError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if logits not in LOGITS_MODES:
+            raise OffloadkitError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
         if cache is None or cache.length == 0:
-            self.timeline, self._step, self._t0 = self._new_timeline(), 0, time.perf_counter()
+            self.timeline, self._step = self._new_timeline(), 0
+            self._start_clock()
         else:
             self._step += 1
+        self._threads = numba.get_num_threads()  # once per forward: asking Numba takes a lock
+        s = self.spec
         b, t = input_ids.shape
         start = cache.length if cache is not None else 0
-        with self._task("embed", "embed", None, b * t * self.spec.hidden_size * self.spec.bytes_per_param):
-            cos, sin = rotary_tables(self.spec, torch.arange(start, start + t), torch.float32)
-            h = F.embedding(input_ids, self.weights["model.embed_tokens.weight"]).float()
-        for layer in range(self.spec.n_layers):
-            h = self.decoder_layer(layer, h, cos, sin, start, cache, routing)
+        t0 = self._now()
+        h = self._embed(input_ids.reshape(-1).numpy())
+        cos, sin = self._rope(start, t)
+        self._rec("embed", "embed", None, t0, self._now(), b * t * s.hidden_size * s.bytes_per_param)
+        if cache is not None:
+            self._reserve(cache, b, start + t)
+        lists = self._whole_step_lists() if self.whole_step and not use_torch_attention(t, start) else None
+        if lists is not None and b * t <= _DECODE_MAX[lists[4][0].dtype]:
+            self._fused_step(lists, h, b, t, start, cache, routing, cos, sin)
+        else:
+            for layer in range(s.n_layers):
+                self._decoder_layer(layer, h, b, t, start, cache, routing, cos, sin)
         if cache is not None:
             cache.advance(t)
-        with self._task("final_norm", "final_norm", None, 4 * self.spec.hidden_size):
-            h = self.norm(h, "model.norm")
-        head = "model.embed_tokens" if self.spec.tie_word_embeddings else "lm_head"
-        with self._task("lm_head", "lm_head", None, self._bytes(f"{head}.weight", "lm_head.bias"),
-                        2 * b * t * self.spec.hidden_size * self.spec.vocab_size):
-            logits = self.linear(h, head)  # adds lm_head.bias when the head is lm_head
-            if head != "lm_head" and self.spec.lm_head_bias:
-                logits = logits + self.bias("lm_head.bias")
-        return logits.float()
+        t0 = self._now()
+        if logits == "last" and t > 1:
+            h = np.ascontiguousarray(h.reshape(b, t, s.hidden_size)[:, -1])
+        rows = h.shape[0]
+        x = self._norm(h, self._norm_weights("model.norm"))
+        t1 = self._now()
+        self._rec("final_norm", "final_norm", None, t0, t1, 4 * s.hidden_size)
+        head = "model.embed_tokens" if s.tie_word_embeddings else "lm_head"
+        y = self._lin(x, self._stored(f"{head}.weight"))
+        bias = self._f32_opt("lm_head.bias")
+        if bias is not None:
+            y += bias
+        if self._lm_head_bytes is None:
+            self._lm_head_bytes = self._nbytes(f"{head}.weight", "lm_head.bias")
+        self._rec("lm_head", "lm_head", None, t1, self._now(), self._lm_head_bytes,
+                  2 * rows * s.hidden_size * s.vocab_size)
+        return torch.from_numpy(y).view(b, rows // b, s.vocab_size)
 
     __call__ = forward
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, KVCache]:
+        """A fresh cache filled with ``input_ids`` [B, T]; returns (logits of the last token [B, V], cache)."""
+        cache = self.new_cache(input_ids.shape[0], max_len)
+        return self.forward(input_ids, cache, logits="last")[:, -1], cache
 
-__all__ = ["CpuEngine"]
+    @torch.no_grad()
+    def decode(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: ``token_ids`` [B] -> logits of the next token [B, V]."""
+        return self.forward(token_ids.reshape(-1, 1), cache, logits="last")[:, -1]
+
+
+__all__ = ["LOGITS_MODES", "CpuEngine"]

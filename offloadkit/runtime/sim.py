@@ -35,7 +35,7 @@ import torch
 from offloadkit.errors import PlanError
 from offloadkit.model.spec import ModelSpec
 from offloadkit.plan.assign import TokenAssigner
-from offloadkit.plan.costmodel import CostModel
+from offloadkit.plan.costmodel import CostModel, engine_options
 from offloadkit.plan.plans import Plan, Workload, check_fits, parse_plan, plan_blocks
 from offloadkit.plan.routing import Routing, parse_routing
 from offloadkit.runtime.fragments import EntryPart, FragmentCache, StepLists
@@ -150,7 +150,7 @@ def simulate(spec: ModelSpec | str, profile: Any, plan: Plan | str, workload: Wo
     workload = workload or Workload()
     if check_memory:
         check_fits(plan, spec, profile, workload)
-    cost = CostModel(profile, spec, pinned=plan.pinned)
+    cost = CostModel(profile, spec, pinned=plan.pinned, **engine_options(plan))
     if plan.uses_gpu and not cost.has_gpu:
         raise PlanError(f"plan {plan.name} uses a GPU but profile {profile.name!r} has none")
     routing = parse_routing(routing, seed) if routing is None or isinstance(routing, str) else routing
@@ -199,7 +199,7 @@ def _simulate_shapes(spec: ModelSpec, plan: Plan, cost: CostModel, workload: Wor
         if tpl.attention:
             durs, bytes_, flops = list(durs), list(bytes_), list(flops)
             b, f = cost.attention_cost(shape.tokens, shape.past, shape.batch)
-            priced = {lane: cost.roofline_s(lane, b, f, LAUNCHES["attention"])
+            priced = {lane: cost.attention_s(lane, shape.tokens, shape.past, shape.batch, LAUNCHES["attention"])
                       for lane in {x[1] for x in tpl.attention}}
             b, f = int(b), int(f)
             for i, lane in tpl.attention:
@@ -260,9 +260,8 @@ def _simulate_fragments(spec: ModelSpec, plan: Plan, cost: CostModel, shapes: li
         cache.add(step, ("epi", *base, head), state, _epilogue, serial, staging, [])
         durs = step.durs
         if step.attention:
-            bts, f = cost.attention_cost(shape.tokens, shape.past, shape.batch)
-            priced = {lane: cost.roofline_s(lane, bts, f, LAUNCHES["attention"]) for lane in ("cpu", "gpu")
-                      if lane == "cpu" or cost.has_gpu}
+            priced = {lane: cost.attention_s(lane, shape.tokens, shape.past, shape.batch, LAUNCHES["attention"])
+                      for lane in ("cpu", "gpu") if lane == "cpu" or cost.has_gpu}
             for i, lane in step.attention:
                 durs[i] = priced[lane]
         busy = [0.0] * len(LANES)

@@ -11,6 +11,11 @@ The builder emits one compute task per non-empty slice, priced by the
              router, one task per expert with tokens (or the dense ffn), shared expert + gate (Qwen)
           -> final_norm, lm_head (last position of each sequence) -> logits back on the CPU
 
+Where the cost model prices offloadkit's CPU engine from a measured profile (``cost.cpu_lane``), the
+``cpu`` lane also gets the engine's work outside any task as tasks of their own (``host_step`` first,
+``host_layer`` / ``host_moe_layer`` after each layer), and a plan whose ``meta["logits"]`` is ``"all"``
+computes the final norm and lm_head for every position (as an engine asked for all logits does).
+
 Norms fuse the previous residual add (``h + attn_out``, ``h + ffn_out``), as fast engines do.
 Data movement is derived, not declared: every value (``"L3.xf"``, ``"L3.y"``...) remembers on which
 device its parts were written, and a task that needs it on the other device gets an ``activation``
@@ -174,12 +179,17 @@ class StepBuilder:
     # ---- blocks -------------------------------------------------------------------------------------
 
     def small(self, block: Block, kind: str, name: str, ins: Sequence[str], outs: Sequence[tuple[str, float]],
-              bytes_: float, flops: float, norm: bool = False) -> int:
-        """An unsplit block (norm, router, gate, embedding) on the device that holds it."""
+              bytes_: float, flops: float, norm: bool = False, rows: int | None = None) -> int:
+        """An unsplit block (norm, router, gate, embedding) on the device that holds it (``rows``: of a norm,
+        default the step's tokens)."""
         dev = self.device_of(block)
         deps, reads = self.need(ins, dev, block.layer)
-        if norm:
-            dur = self.cost.norm_s(dev, self.shape.n, self.spec.hidden_size, LAUNCHES[kind])
+        n = self.shape.n if rows is None else rows
+        engine = self.cost.cpu_task_s(kind, n, block.params) if dev == "cpu" else None
+        if engine is not None:
+            dur = engine
+        elif norm:
+            dur = self.cost.norm_s(dev, n, self.spec.hidden_size, LAUNCHES[kind])
         else:
             dur = self.cost.roofline_s(dev, bytes_, flops, LAUNCHES[kind])
         return self.emit(dev, kind, name, dur, layer=block.layer, bytes_=bytes_, flops=flops, deps=deps,
@@ -208,7 +218,8 @@ class StepBuilder:
                 reads.append(f"W:{pname}")
             params = int(per_row * (r1 - r0))
             bytes_ = params * self.cost.weight_bytes + act_bytes
-            dur = self.cost.matmul_s(dev, params, tokens, act_bytes, LAUNCHES[kind])
+            engine = self.cost.cpu_task_s(kind, tokens, params) if dev == "cpu" else None
+            dur = engine if engine is not None else self.cost.matmul_s(dev, params, tokens, act_bytes, LAUNCHES[kind])
             out_bytes = out_bytes_per_row * (r1 - r0) if cat else out_bytes_per_row
             tid = self.emit(dev, kind, pname, dur, layer=block.layer, bytes_=bytes_, flops=2 * params * tokens,
                             deps=deps, reads=reads, expert=expert, rows=(r0, r1), out=[(out, out_bytes, cat)])
@@ -236,10 +247,22 @@ class StepBuilder:
         self.epilogue(resid, delta)
         return self.graph
 
+    def host(self, kind: str, name: str, layer: int | None) -> None:
+        """The CPU engine's work outside any task (``host_step``, ``host_layer``, ``host_moe_layer``), where
+        the cost model prices the engine (else nothing)."""
+        dur = self.cost.cpu_task_s(kind, self.shape.n)
+        if dur is not None:
+            self.emit("cpu", kind, name, dur, layer=layer)
+
+    def head_rows(self) -> int:
+        """Positions the final norm and lm_head compute: the last of each sequence, or all (``meta["logits"]``)."""
+        return self.shape.n if self.plan.meta.get("logits") == "all" else self.shape.batch
+
     def prologue(self) -> str:
         """The step's token ids on the host and their embedding lookup; returns the residual's name."""
         s, n, a = self.spec, self.shape.n, ACT_BYTES
         h = s.hidden_size
+        self.host("host_step", "host_step", None)
         self.values.setdefault("ids", {"cpu": _Part("ids@cpu", "cpu")})["cpu"].nbytes = 8 * n
         embed = self._head["embed"]
         self.small(embed, "embed", "embed", ["ids"], [("h", n * h * a)], n * h * (self.cost.weight_bytes + a), 0)
@@ -247,10 +270,10 @@ class StepBuilder:
 
     def epilogue(self, resid: str, delta: str | None) -> None:
         """The final norm, the lm_head (last position of each sequence) and the logits' copy to the host."""
-        s, a, b = self.spec, ACT_BYTES, self.shape.batch
+        s, a, b = self.spec, ACT_BYTES, self.head_rows()
         h = s.hidden_size
         self.small(self._head["final_norm"], "final_norm", "final_norm", [resid, delta],
-                   [("xo", b * h * a)], 0, 0, norm=True)
+                   [("xo", b * h * a)], 0, 0, norm=True, rows=b)
         self.split_block(self.assigner.head_block, "lm_head", "lm_head", b, ["xo"], "logits", b * a, True,
                          b * (h + s.vocab_size) * a, cg=self.assigner.head(b))
         self.need(["logits"], "cpu", None)  # sampling happens on the host
@@ -271,7 +294,8 @@ class StepBuilder:
         deps, reads = self.need([f"{L}.qkv"], dev, layer)
         bytes_, flops = self.cost.attention_cost(sh.tokens, sh.past, sh.batch)
         q_out = s.n_heads * s.head_dim
-        self.emit(dev, "attention", f"{L}.attention", self.cost.roofline_s(dev, bytes_, flops, LAUNCHES["attention"]),
+        self.emit(dev, "attention", f"{L}.attention", self.cost.attention_s(dev, sh.tokens, sh.past, sh.batch,
+                                                                           LAUNCHES["attention"]),
                   layer=layer, bytes_=bytes_, flops=flops, deps=deps, reads=reads,
                   out=[(f"{L}.o", n * q_out * a, False)])
         self.split_block(b.attn_o, "attn_o", f"{L}.attn_o", n, [f"{L}.o"], f"{L}.ao", n * h * a, False,
@@ -283,6 +307,7 @@ class StepBuilder:
             assert b.ffn is not None, f"layer {layer} has neither a router nor a dense FFN"
             self.split_block(b.ffn, "ffn", f"{L}.ffn", n, [f"{L}.xf"], y, n * h * a, False, 2 * n * h * a,
                              cg=dense.get(b.ffn.name, 0))
+            self.host("host_layer", f"{L}.host", layer)
             return f"{L}.hm", y
         router = b.router
         rid = self.small(router, "router", f"{L}.router", [f"{L}.xf"], [(f"{L}.route", n * s.top_k * 12)],
@@ -302,6 +327,7 @@ class StepBuilder:
             gate = b.shared_gate
             self.small(gate, "shared_gate", f"{L}.shared_gate", [f"{L}.xf", f"{L}.s"], [(y, n * h * a)],
                        gate.params * self.cost.weight_bytes + 2 * n * h * a, 2 * n * gate.params + 2 * n * h)
+        self.host("host_moe_layer", f"{L}.host", layer)
         return f"{L}.hm", y
 
 

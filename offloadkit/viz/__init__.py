@@ -5,7 +5,9 @@
 - :mod:`~offloadkit.viz.timeline` — a step's lanes, one bar per task, the legend below with every kind;
 - :mod:`~offloadkit.viz.cpu_kernels` — the CPU expert against this machine's memory read (notebook 04);
 - :mod:`~offloadkit.viz.plan_tuner` — the what-if panel: plans, speeds, speedups and GPU memory (notebook 06);
-- :mod:`~offloadkit.viz.assignment` — one step's GG / CG / CC split, expert counts, the step scrubber (notebook 07).
+- :mod:`~offloadkit.viz.assignment` — one step's GG / CG / CC split, expert counts, the step scrubber (notebook 07);
+- :mod:`~offloadkit.viz.benchmarks` — scheinfer's speedups from the simulated paper experiment beside the measured
+  offloadkit / llama.cpp ratios of this machine, the speedup explorer (notebook 09).
 
 They draw; they never measure or simulate (the notebooks and commands do, and pass the results in), except
 the two widgets, which re-plan and re-simulate when a control moves (their titles say simulated, and on what).

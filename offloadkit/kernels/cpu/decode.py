@@ -48,8 +48,12 @@ PARALLEL_MIN_BYTES = 64 * 1024
 
 
 @njit(**FAST)
-def gate_up_rows(x, w1, w3, r0, i0, i1, h):
-    """``h[t, i - r0] = silu(W1[i] · x[t]) * (W3[i] · x[t])`` for rows ``[i0, i1)``, all tokens."""
+def gate_up_rows(x, w1, w3, r0, i0, i1, h, scale):
+    """``h[t, i - r0] = scale[t] * silu(W1[i] · x[t]) * (W3[i] · x[t])`` for rows ``[i0, i1)``, all tokens.
+
+    ``scale`` [n] is the weight each token gives this expert (ones for a plain FFN): the down pass is
+    linear, so scaling ``h`` scales the expert's output, and the router's weighting costs nothing.
+    """
     n = x.shape[0]
     for i in range(i0, i1):
         a = w1[i]
@@ -58,37 +62,38 @@ def gate_up_rows(x, w1, w3, r0, i0, i1, h):
         t = 0
         while n - t >= 4:
             g0, g1, g2, g3, u0, u1, u2, u3 = dot2_t4(a, b, x[t], x[t + 1], x[t + 2], x[t + 3])
-            h[t, c] = silu_mul(g0, u0)
-            h[t + 1, c] = silu_mul(g1, u1)
-            h[t + 2, c] = silu_mul(g2, u2)
-            h[t + 3, c] = silu_mul(g3, u3)
+            h[t, c] = silu_mul(g0, u0) * scale[t]
+            h[t + 1, c] = silu_mul(g1, u1) * scale[t + 1]
+            h[t + 2, c] = silu_mul(g2, u2) * scale[t + 2]
+            h[t + 3, c] = silu_mul(g3, u3) * scale[t + 3]
             t += 4
         if n - t >= 2:
             g0, g1, u0, u1 = dot2_t2(a, b, x[t], x[t + 1])
-            h[t, c] = silu_mul(g0, u0)
-            h[t + 1, c] = silu_mul(g1, u1)
+            h[t, c] = silu_mul(g0, u0) * scale[t]
+            h[t + 1, c] = silu_mul(g1, u1) * scale[t + 1]
             t += 2
         if n - t == 1:
             g0, u0 = dot2_t1(a, b, x[t])
-            h[t, c] = silu_mul(g0, u0)
+            h[t, c] = silu_mul(g0, u0) * scale[t]
 
 
 @njit(parallel=True, **FAST)
-def gate_up_parallel(x, w1, w3, r0, r1, h, n_chunks):
+def gate_up_parallel(x, w1, w3, r0, r1, h, scale, n_chunks):
     m = r1 - r0
     for c in prange(n_chunks):
-        gate_up_rows(x, w1, w3, r0, r0 + c * m // n_chunks, r0 + (c + 1) * m // n_chunks, h)
+        gate_up_rows(x, w1, w3, r0, r0 + c * m // n_chunks, r0 + (c + 1) * m // n_chunks, h, scale)
 
 
 # ---- pass 2: down (and any y = W x) -----------------------------------------------------------------
 
 
 @njit(**FAST)
-def rows_dot_range(v, w, c0, j0, j1, y, accumulate):
-    """``y[t, j] (+)= W[j, c0:c0 + K] · v[t]`` for output rows ``[j0, j1)``, ``v`` [n, K]."""
+def rows_dot_range(v, w, c0, j0, j1, y, accumulate, y0=0):
+    """``y[t, y0 + j] (+)= W[j, c0:c0 + K] · v[t]`` for weight rows ``[j0, j1)``, ``v`` [n, K]."""
     n, kk = v.shape
-    for j in range(j0, j1):
-        seg = w[j, c0:c0 + kk]
+    for jw in range(j0, j1):
+        seg = w[jw, c0:c0 + kk]
+        j = y0 + jw
         t = 0
         while n - t >= 4:
             s0, s1, s2, s3 = dot_t4(seg, v[t], v[t + 1], v[t + 2], v[t + 3])
@@ -127,44 +132,127 @@ def rows_dot_parallel(v, w, c0, y, accumulate, n_chunks):
         rows_dot_range(v, w, c0, c * rows // n_chunks, (c + 1) * rows // n_chunks, y, accumulate)
 
 
+@njit(**FAST)
+def rows_dot3_range(v, wa, wb, wc, y, g0, g1):
+    """Rows ``[g0, g1)`` of the stacked ``[Wa; Wb; Wc]`` into ``y[:, g0:g1]`` (``y = v · [Wa; Wb; Wc]ᵀ``)."""
+    ra = wa.shape[0]
+    rb = wb.shape[0]
+    lo, hi = max(g0, 0), min(g1, ra)
+    if lo < hi:
+        rows_dot_range(v, wa, 0, lo, hi, y, False, 0)
+    lo, hi = max(g0, ra), min(g1, ra + rb)
+    if lo < hi:
+        rows_dot_range(v, wb, 0, lo - ra, hi - ra, y, False, ra)
+    lo, hi = max(g0, ra + rb), min(g1, ra + rb + wc.shape[0])
+    if lo < hi:
+        rows_dot_range(v, wc, 0, lo - ra - rb, hi - ra - rb, y, False, ra + rb)
+
+
+@njit(parallel=True, **FAST)
+def rows_dot3_parallel(v, wa, wb, wc, y, n_chunks):
+    rows = wa.shape[0] + wb.shape[0] + wc.shape[0]
+    for c in prange(n_chunks):
+        rows_dot3_range(v, wa, wb, wc, y, c * rows // n_chunks, (c + 1) * rows // n_chunks)
+
+
 # ---- entry points (arguments already checked by offloadkit.kernels.cpu.experts) ------------------------------
 
 
-def _chunks(weight_bytes: int, rows: int, tokens: int) -> int:
+def _chunks(weight_bytes: int, rows: int, tokens: int, threads: int | None = None) -> int:
     """Parallel chunks for a pass over ``weight_bytes`` for ``tokens``: one per thread, or 0 (serial).
 
     Up to 4 tokens the pass costs about its bytes; beyond, the arithmetic grows with the tokens, so
-    a small matrix with many tokens is worth a parallel launch too.
+    a small matrix with many tokens is worth a parallel launch too. With one thread the pass runs
+    serial: a parallel launch of one chunk would only add the launch.
     """
     if weight_bytes * max(1, tokens // 4) < PARALLEL_MIN_BYTES:
         return 0
-    return max(1, min(numba.get_num_threads(), rows))
+    threads = min(numba.get_num_threads() if threads is None else threads, rows)
+    return threads if threads > 1 else 0
 
 
-def gate_up(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, r0: int, r1: int, h: np.ndarray) -> None:
-    """Pass 1 into ``h`` [n, r1 - r0] f32."""
-    chunks = _chunks(2 * (r1 - r0) * w1.shape[1] * w1.itemsize, r1 - r0, x.shape[0])
+def ones(n: int) -> np.ndarray:
+    """A scale of 1 for ``n`` tokens (a plain FFN), shared for the common sizes."""
+    if n >= len(_ONES):
+        return np.ones(n, dtype=np.float32)
+    return _ONES[:n]
+
+
+_ONES = np.ones(1024, dtype=np.float32)  # private: the kernels only read a scale
+
+
+def gate_up(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, r0: int, r1: int, h: np.ndarray,
+            scale: np.ndarray | None = None, threads: int | None = None) -> None:
+    """Pass 1 into ``h`` [n, r1 - r0] f32, each token's row times ``scale[t]`` (1 if None).
+
+    ``threads``: the Numba threads to use (``numba.get_num_threads()`` if None; a caller that makes many
+    calls passes it, since asking Numba takes a lock).
+    """
+    scale = ones(x.shape[0]) if scale is None else scale
+    chunks = _chunks(2 * (r1 - r0) * w1.shape[1] * w1.itemsize, r1 - r0, x.shape[0], threads)
     if chunks:
-        gate_up_parallel(x, w1, w3, r0, r1, h, chunks)
+        gate_up_parallel(x, w1, w3, r0, r1, h, scale, chunks)
     else:
-        gate_up_rows(x, w1, w3, r0, r0, r1, h)
+        gate_up_rows(x, w1, w3, r0, r0, r1, h, scale)
 
 
-def rows_dot(v: np.ndarray, w: np.ndarray, c0: int, y: np.ndarray, accumulate: bool) -> None:
+def rows_dot(v: np.ndarray, w: np.ndarray, c0: int, y: np.ndarray, accumulate: bool,
+             threads: int | None = None) -> None:
     """Pass 2: ``y[:, j] (+)= W[j, c0:c0 + v.shape[1]] · v`` for every row ``j`` of ``w``."""
-    chunks = _chunks(w.shape[0] * v.shape[1] * w.itemsize, w.shape[0], v.shape[0])
+    chunks = _chunks(w.shape[0] * v.shape[1] * w.itemsize, w.shape[0], v.shape[0], threads)
     if chunks:
         rows_dot_parallel(v, w, c0, y, accumulate, chunks)
     else:
         rows_dot_range(v, w, c0, 0, w.shape[0], y, accumulate)
 
 
+def rows_dot3(v: np.ndarray, wa: np.ndarray, wb: np.ndarray, wc: np.ndarray, y: np.ndarray,
+              threads: int | None = None) -> None:
+    """``y = v · [Wa; Wb; Wc]ᵀ`` (``y`` [n, rows a + b + c]) in one parallel pass: the QKV projections
+    of a decode step, whose K and V alone are too small to keep both threads busy to the end."""
+    rows = wa.shape[0] + wb.shape[0] + wc.shape[0]
+    chunks = _chunks(rows * v.shape[1] * wa.itemsize, rows, v.shape[0], threads)
+    if chunks:
+        rows_dot3_parallel(v, wa, wb, wc, y, chunks)
+    else:
+        rows_dot3_range(v, wa, wb, wc, y, 0, rows)
+
+
 def expert_decode(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, r0: int, r1: int,
-                  out: np.ndarray) -> None:
-    """``out += W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H] f32."""
+                  out: np.ndarray, scale: np.ndarray | None = None, threads: int | None = None) -> None:
+    """``out += scale ⊙ W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H]
+    f32, ``scale`` [n] f32 per token (1 if None).
+
+    Both passes run inside one compiled call (two parallel regions back to back, or none with one
+    thread), so nothing runs in Python between them.
+    """
+    n = x.shape[0]
+    scale = ones(n) if scale is None else scale
+    up = _chunks(2 * (r1 - r0) * w1.shape[1] * w1.itemsize, r1 - r0, n, threads)
+    down = _chunks(w2.shape[0] * (r1 - r0) * w2.itemsize, w2.shape[0], n, threads)
+    if up or down:
+        expert_parallel(x, w1, w3, w2, r0, r1, out, scale, max(up, 1), max(down, 1))
+    else:
+        expert_serial(x, w1, w3, w2, r0, r1, out, scale)
+
+
+@njit(**FAST)
+def expert_serial(x, w1, w3, w2, r0, r1, out, scale):
     h = np.empty((x.shape[0], r1 - r0), dtype=np.float32)
-    gate_up(x, w1, w3, r0, r1, h)
-    rows_dot(h, w2, r0, out, True)
+    gate_up_rows(x, w1, w3, r0, r0, r1, h, scale)
+    rows_dot_range(h, w2, r0, 0, w2.shape[0], out, True, 0)
 
 
-__all__ = ["PARALLEL_MIN_BYTES", "expert_decode", "gate_up", "rows_dot"]
+# fusion off: the second loop reads all of ``h``, which every chunk of the first writes
+@njit(parallel={"fusion": False}, **FAST)
+def expert_parallel(x, w1, w3, w2, r0, r1, out, scale, n_up, n_down):
+    m = r1 - r0
+    h = np.empty((x.shape[0], m), dtype=np.float32)
+    for c in prange(n_up):
+        gate_up_rows(x, w1, w3, r0, r0 + c * m // n_up, r0 + (c + 1) * m // n_up, h, scale)
+    rows = w2.shape[0]
+    for c in prange(n_down):
+        rows_dot_range(h, w2, r0, c * rows // n_down, (c + 1) * rows // n_down, out, True, 0)
+
+
+__all__ = ["PARALLEL_MIN_BYTES", "expert_decode", "gate_up", "ones", "rows_dot", "rows_dot3"]

@@ -30,8 +30,8 @@ import torch
 
 from offloadkit.errors import KernelInputError
 from offloadkit.kernels.checks import check_rows
-from offloadkit.kernels.cpu.decode import expert_decode, rows_dot
-from offloadkit.kernels.cpu.prefill import expert_prefill, linear_prefill
+from offloadkit.kernels.cpu.decode import expert_decode, rows_dot, rows_dot3
+from offloadkit.kernels.cpu.prefill import expert_prefill, linear_prefill, linear_prefill_into
 from offloadkit.kernels.cpu.primitives import STORAGE, storage_view
 
 #: Token counts up to this take the decode kernel, more the prefill kernel, by stored dtype. Measured
@@ -126,41 +126,87 @@ def _choose(path: str, n: int, dtype: str) -> str:
 # ---- the kernels -----------------------------------------------------------------------------------
 
 
+def _check_scale(scale: np.ndarray | None, n: int) -> np.ndarray | None:
+    if scale is None:
+        return None
+    if not isinstance(scale, np.ndarray) or scale.dtype != np.float32 or scale.shape != (n,):
+        got = f"{scale.dtype} {scale.shape}" if isinstance(scale, np.ndarray) else type(scale).__name__
+        raise KernelInputError(f"scale must be a float32 array of shape ({n},) (one weight per token), got {got}")
+    return np.ascontiguousarray(scale)
+
+
 def expert_rows(x: np.ndarray | torch.Tensor, weights: ExpertWeights, rows: tuple[int, int] | None = None,
-                out: np.ndarray | None = None, *, path: str = "auto") -> np.ndarray:
+                out: np.ndarray | None = None, *, path: str = "auto", scale: np.ndarray | None = None) -> np.ndarray:
     """The partial output ``W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32.
 
     Returns a new [n, H] f32 array, or adds into ``out`` and returns it. ``path`` forces the
     ``"decode"`` or ``"prefill"`` kernel (both compute the same numbers up to summation order).
+    ``scale`` [n] f32 multiplies each token's output (the router's weight of this expert), at no cost:
+    with ``out`` the residual stream, an expert's weighted output is added where it belongs.
     """
     x = check_activations(x, weights.hidden)
     r0, r1 = check_rows(rows, weights.intermediate, "the intermediate dimension")
     out = _check_out(out, (x.shape[0], weights.hidden))
+    scale = _check_scale(scale, x.shape[0])
     kernel = _choose(path, x.shape[0], weights.dtype)
     if x.shape[0] == 0 or r0 == r1:
         return out
     if kernel == "decode":
-        expert_decode(x, weights.w_gate, weights.w_up, weights.w_down, r0, r1, out)
+        expert_decode(x, weights.w_gate, weights.w_up, weights.w_down, r0, r1, out, scale)
     else:
-        expert_prefill(x, weights.w_gate, weights.w_up, weights.w_down, r0, r1, out)
+        expert_prefill(x, weights.w_gate, weights.w_up, weights.w_down, r0, r1, out, scale=scale)
     return out
 
 
-def linear(x: np.ndarray | torch.Tensor, w: np.ndarray, out: np.ndarray | None = None, *,
-           path: str = "auto") -> np.ndarray:
-    """``x · Wᵀ`` for ``x`` [n, in] f32 and ``w`` [out, in] in kernel storage (see :func:`storage_view`)."""
+def _check_weight(w: np.ndarray) -> str:
+    """The stored dtype name of a weight in kernel storage; KernelInputError if it is not one."""
     if not isinstance(w, np.ndarray) or w.ndim != 2 or not w.flags.c_contiguous or w.dtype not in STORAGE.values():
         raise KernelInputError("w must be a C-contiguous 2-D array in kernel storage (float32, or uint16 / int16 "
                                "bits of bf16 / f16: use storage_view)")
+    return next(name for name, storage in STORAGE.items() if storage == w.dtype)
+
+
+def linear(x: np.ndarray | torch.Tensor, w: np.ndarray, out: np.ndarray | None = None, *,
+           path: str = "auto", accumulate: bool = False) -> np.ndarray:
+    """``x · Wᵀ`` for ``x`` [n, in] f32 and ``w`` [out, in] in kernel storage (see :func:`storage_view`).
+
+    With ``accumulate`` the product is added into ``out`` (e.g. the residual stream) instead of written.
+    """
+    dtype = _check_weight(w)
     x = check_activations(x, w.shape[1])
     out = _check_out(out, (x.shape[0], w.shape[0]))
     if x.shape[0] == 0 or w.shape[0] == 0:
         return out
-    dtype = next(name for name, storage in STORAGE.items() if storage == w.dtype)
     if _choose(path, x.shape[0], dtype) == "decode":
-        rows_dot(x, w, 0, out, False)
+        rows_dot(x, w, 0, out, accumulate)
     else:
-        linear_prefill(x, w, out)
+        linear_prefill(x, w, out, accumulate=accumulate)
+    return out
+
+
+def linear3(x: np.ndarray | torch.Tensor, wa: np.ndarray, wb: np.ndarray, wc: np.ndarray,
+            out: np.ndarray | None = None, *, path: str = "auto") -> np.ndarray:
+    """``x · [Wa; Wb; Wc]ᵀ`` [n, rows a + b + c]: three projections of the same ``x`` (Q, K and V) at once.
+
+    The decode kernel runs them as one parallel pass over the three weights (one launch, the rows split
+    evenly over the threads); the prefill path runs three GEMMs into the column blocks of ``out``.
+    The weights must share the stored dtype and the input width.
+    """
+    dtypes = {_check_weight(w) for w in (wa, wb, wc)}
+    if len(dtypes) != 1 or not wa.shape[1] == wb.shape[1] == wc.shape[1]:
+        raise KernelInputError(f"linear3 takes three weights of one dtype and input width; got "
+                               f"{[(w.dtype.name, w.shape) for w in (wa, wb, wc)]}")
+    x = check_activations(x, wa.shape[1])
+    ra, rb = wa.shape[0], wb.shape[0]
+    out = _check_out(out, (x.shape[0], ra + rb + wc.shape[0]))
+    if x.shape[0] == 0:
+        return out
+    if _choose(path, x.shape[0], dtypes.pop()) == "decode":
+        rows_dot3(x, wa, wb, wc, out)
+    else:
+        xt, yt = torch.from_numpy(x), torch.from_numpy(out)
+        for w, c0 in ((wa, 0), (wb, ra), (wc, ra + rb)):
+            linear_prefill_into(xt, w, yt[:, c0:c0 + w.shape[0]])
     return out
 
 
@@ -170,4 +216,4 @@ def expert_rows_torch(x: torch.Tensor, weights: ExpertWeights, rows: tuple[int, 
 
 
 __all__ = ["DECODE_MAX_TOKENS", "ExpertWeights", "KernelInputError", "check_activations", "check_rows",
-           "expert_rows", "expert_rows_torch", "linear"]
+           "expert_rows", "expert_rows_torch", "linear", "linear3"]

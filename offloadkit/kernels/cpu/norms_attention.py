@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,10 +67,17 @@ def _rms_parallel(x, w, eps, out):
         _rms_rows(x, w, eps, out, t, t + 1)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """``x / sqrt(mean(x²) + eps) * weight`` over the rows of ``x`` [n, H] f32 (``weight`` [H] f32)."""
+def _parallel(size: int, threshold: int, threads: int | None) -> bool:
+    return size >= threshold and (numba.get_num_threads() if threads is None else threads) > 1
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, threads: int | None = None) -> np.ndarray:
+    """``x / sqrt(mean(x²) + eps) * weight`` over the rows of ``x`` [n, H] f32 (``weight`` [H] f32).
+
+    ``threads``: Numba's thread count if the caller knows it (asking Numba takes a lock).
+    """
     out = np.empty_like(x)
-    if x.size >= _PARALLEL_NORM_ELEMS:
+    if _parallel(x.size, _PARALLEL_NORM_ELEMS, threads):
         _rms_parallel(x, weight, np.float32(eps), out)
     else:
         _rms_rows(x, weight, np.float32(eps), out, 0, x.shape[0])
@@ -101,10 +109,11 @@ def _layer_parallel(x, w, b, eps, out):
         _layer_rows(x, w, b, eps, out, t, t + 1)
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+               threads: int | None = None) -> np.ndarray:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the rows of ``x`` [n, H] f32 (PhiMoE's norm)."""
     out = np.empty_like(x)
-    if x.size >= _PARALLEL_NORM_ELEMS:
+    if _parallel(x.size, _PARALLEL_NORM_ELEMS, threads):
         _layer_parallel(x, weight, bias, np.float32(eps), out)
     else:
         _layer_rows(x, weight, bias, np.float32(eps), out, 0, x.shape[0])
@@ -116,8 +125,8 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 @njit(**FAST)
 def _attention_heads(q, k, v, length, q_start, window, out, bh0, bh1):
-    """Attention of the (batch, head) pairs ``[bh0, bh1)`` (flattened), one thread."""
-    heads, tokens, dim = q.shape[1], q.shape[2], q.shape[3]
+    """Attention of the (batch, head) pairs ``[bh0, bh1)`` (flattened), one thread; ``q``, ``out`` [B, T, H, D]."""
+    tokens, heads, dim = q.shape[1], q.shape[2], q.shape[3]
     groups = heads // k.shape[1]
     scale = np.float32(1.0) / np.sqrt(np.float32(dim))
     scores = np.empty(length, dtype=np.float32)
@@ -128,7 +137,7 @@ def _attention_heads(q, k, v, length, q_start, window, out, bh0, bh1):
             pos = q_start + t
             lo = max(0, pos - window + 1) if window > 0 else 0
             hi = min(pos + 1, length)
-            qv = q[b, h, t]
+            qv = q[b, t, h]
             top = np.float32(-np.inf)
             for s in range(lo, hi):
                 kv = k[b, g, s]
@@ -143,10 +152,11 @@ def _attention_heads(q, k, v, length, q_start, window, out, bh0, bh1):
                 e = np.exp(scores[s] - top)
                 scores[s] = e
                 total += e
-            o = out[b, h, t]
+            o = out[b, t, h]
             o[:] = 0.0
+            inv = np.float32(1.0) / total
             for s in range(lo, hi):
-                p = scores[s] / total
+                p = scores[s] * inv
                 vv = v[b, g, s]
                 for d in range(dim):
                     o[d] += p * vv[d]
@@ -154,7 +164,7 @@ def _attention_heads(q, k, v, length, q_start, window, out, bh0, bh1):
 
 @njit(parallel=True, **FAST)
 def _attention_parallel(q, k, v, length, q_start, window, out):
-    for bh in prange(q.shape[0] * q.shape[1]):
+    for bh in prange(q.shape[0] * q.shape[2]):
         _attention_heads(q, k, v, length, q_start, window, out, bh, bh + 1)
 
 
@@ -168,16 +178,31 @@ def use_torch_attention(tokens: int, q_start: int) -> bool:
     return tokens > 32 and q_start > 0
 
 
+def attention_bthd(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, q_start: int,
+                   sliding_window: int | None = None, out: np.ndarray | None = None,
+                   threads: int | None = None) -> np.ndarray:
+    """Softmax attention of ``q`` [B, T, H, D] (positions ``q_start..``) over the first ``length`` positions
+    of ``k``, ``v`` [B, KV, capacity, D], into ``out`` [B, T, H, D] (new if None).
+
+    The token-major layout is the projections' own: ``q`` is the QKV output's Q columns, and ``out``
+    reshaped to [B * T, H * D] is the O projection's input, so neither side transposes.
+    """
+    out = np.empty_like(q) if out is None else out
+    window = sliding_window or 0
+    if not _parallel(q.size * length, _PARALLEL_ATTENTION_MACS, threads):
+        _attention_heads(q, k, v, length, q_start, window, out, 0, q.shape[0] * q.shape[2])
+    else:
+        _attention_parallel(q, k, v, length, q_start, window, out)
+    return out
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, q_start: int,
                      sliding_window: int | None = None) -> np.ndarray:
     """Softmax attention of ``q`` [B, H, T, D] (positions ``q_start..``) over the first ``length`` positions
-    of ``k``, ``v`` [B, KV, capacity, D], as :func:`offloadkit.model.reference.causal_attention`."""
-    out = np.empty_like(q)
-    if q.size * length < _PARALLEL_ATTENTION_MACS:
-        _attention_heads(q, k, v, length, q_start, sliding_window or 0, out, 0, q.shape[0] * q.shape[1])
-    else:
-        _attention_parallel(q, k, v, length, q_start, sliding_window or 0, out)
-    return out
+    of ``k``, ``v`` [B, KV, capacity, D], as :func:`offloadkit.model.reference.causal_attention` (head-major
+    in and out; :func:`attention_bthd` is the same kernel on the token-major layout the engine uses)."""
+    o = attention_bthd(np.ascontiguousarray(q.transpose(0, 2, 1, 3)), k, v, length, q_start, sliding_window)
+    return np.ascontiguousarray(o.transpose(0, 2, 1, 3))
 
 
 # ---- measuring the choice ----------------------------------------------------------------------------
@@ -229,4 +254,5 @@ def compare_lane_ops(hidden: int = 4096, tokens: tuple[int, ...] = (1, 512), pos
     return rows
 
 
-__all__ = ["causal_attention", "compare_lane_ops", "layer_norm", "rms_norm", "use_torch_attention"]
+__all__ = ["attention_bthd", "causal_attention", "compare_lane_ops", "layer_norm", "rms_norm",
+           "use_torch_attention"]

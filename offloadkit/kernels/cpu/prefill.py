@@ -56,15 +56,17 @@ def as_torch_weight(w: np.ndarray) -> torch.Tensor:
 
 
 def expert_prefill(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, r0: int, r1: int,
-                   out: np.ndarray, block_rows: int | None = None) -> None:
-    """``out += W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H] f32."""
+                   out: np.ndarray, block_rows: int | None = None, scale: np.ndarray | None = None) -> None:
+    """``out += scale ⊙ W2[:, r0:r1] · (silu(W1[r0:r1] x) ⊙ W3[r0:r1] x)`` for ``x`` [n, H] f32, ``out`` [n, H]
+    f32, ``scale`` [n] f32 per token (1 if None: the router's weight of this expert for each token)."""
     block_rows = block_rows or block_rows_for(x.shape[0])  # block_rows only matters for 16-bit weights
     xt, yt = torch.from_numpy(x), torch.from_numpy(out)
+    st = None if scale is None else torch.from_numpy(scale)[:, None]
     t1, t3, t2 = as_torch_weight(w1), as_torch_weight(w3), as_torch_weight(w2)
     with torch.no_grad():
         if t1.dtype == torch.float32:
-            h = F.silu(xt @ t1[r0:r1].T) * (xt @ t3[r0:r1].T)
-            yt.addmm_(h, t2[:, r0:r1].T)
+            h = F.silu(xt @ t1[r0:r1].T).mul_(xt @ t3[r0:r1].T)
+            yt.addmm_(h if st is None else h.mul_(st), t2[:, r0:r1].T)
             return
         hidden = x.shape[1]
         a = np.empty((block_rows, hidden), dtype=np.float32)
@@ -76,23 +78,36 @@ def expert_prefill(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray
             widen_rows(w1, b0, b0 + rows, a[:rows])
             widen_rows(w3, b0, b0 + rows, b[:rows])
             widen_cols(w2, b0, b0 + rows, c2)
-            h = F.silu(xt @ torch.from_numpy(a[:rows]).T) * (xt @ torch.from_numpy(b[:rows]).T)
-            yt.addmm_(h, torch.from_numpy(c2).T)
+            h = F.silu(xt @ torch.from_numpy(a[:rows]).T).mul_(xt @ torch.from_numpy(b[:rows]).T)
+            yt.addmm_(h if st is None else h.mul_(st), torch.from_numpy(c2).T)
 
 
-def linear_prefill(x: np.ndarray, w: np.ndarray, out: np.ndarray, block_rows: int = 1024) -> None:
-    """``out = x · Wᵀ`` for ``x`` [n, in] f32, ``w`` [out, in] in kernel storage, ``out`` [n, out] f32."""
-    xt, yt, tw = torch.from_numpy(x), torch.from_numpy(out), as_torch_weight(w)
+def linear_prefill(x: np.ndarray, w: np.ndarray, out: np.ndarray, block_rows: int = 1024,
+                   accumulate: bool = False) -> None:
+    """``out (+)= x · Wᵀ`` for ``x`` [n, in] f32, ``w`` [out, in] in kernel storage, ``out`` [n, out] f32."""
+    linear_prefill_into(torch.from_numpy(x), w, torch.from_numpy(out), block_rows, accumulate)
+
+
+def linear_prefill_into(xt: torch.Tensor, w: np.ndarray, yt: torch.Tensor, block_rows: int = 1024,
+                        accumulate: bool = False) -> None:
+    """:func:`linear_prefill` for torch ``xt`` and ``yt``; ``yt`` may be a column block of a wider output."""
+    tw = as_torch_weight(w)
     with torch.no_grad():
         if tw.dtype == torch.float32:
-            torch.mm(xt, tw.T, out=yt)
+            if accumulate:
+                yt.addmm_(xt, tw.T)
+            else:
+                torch.mm(xt, tw.T, out=yt)
             return
         buf = np.empty((min(block_rows, w.shape[0]), w.shape[1]), dtype=np.float32)
         for j0 in range(0, w.shape[0], block_rows):
             rows = min(block_rows, w.shape[0] - j0)
             widen_rows(w, j0, j0 + rows, buf[:rows])
-            yt[:, j0:j0 + rows] = xt @ torch.from_numpy(buf[:rows]).T
+            if accumulate:
+                yt[:, j0:j0 + rows].addmm_(xt, torch.from_numpy(buf[:rows]).T)
+            else:
+                yt[:, j0:j0 + rows] = xt @ torch.from_numpy(buf[:rows]).T
 
 
 __all__ = ["BLOCK_ROWS", "BLOCK_ROWS_MANY_TOKENS", "as_torch_weight", "block_rows_for", "expert_prefill",
-           "linear_prefill"]
+           "linear_prefill", "linear_prefill_into"]
