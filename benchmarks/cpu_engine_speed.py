@@ -34,6 +34,7 @@ import collections
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +94,23 @@ def llama_once(gguf, test: str, n: int, threads: int) -> float:
     return float(rec[0].samples_ts[0])
 
 
+def model_files(model: str, dtype: str, want_gguf: bool) -> tuple[Path, Path | None]:
+    """(checkpoint folder, GGUF file or None) of a benchmark model name, ``demo`` or a checkpoint folder."""
+    from offloadkit.bench.gguf_export import export_gguf, gguf_path
+    from offloadkit.bench.models import bench_model, cache_dir, is_bench_model
+
+    if is_bench_model(model):
+        return bench_model(model, dtype), gguf_path(model, dtype) if want_gguf else None
+    from offloadkit.model.zoo import resolve_model
+
+    folder = resolve_model(model)
+    out = cache_dir() / "gguf" / f"{folder.name}-{dtype}.gguf"
+    if want_gguf and not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_gguf(folder, out, dtype)
+    return folder, out if want_gguf else None
+
+
 def profile(runner: Runner, n_prompt: int) -> None:
     """Per-kind times of one prefill and one decode step (measured timeline), with physical limits beside."""
     e = runner.engine
@@ -137,7 +155,8 @@ def profile(runner: Runner, n_prompt: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="bench-moe")
+    ap.add_argument("--model", default="bench-moe", help="a benchmark model, 'demo' or a checkpoint folder "
+                    "(whose dtype --dtypes must name)")
     ap.add_argument("--dtypes", default="bf16,f32")
     ap.add_argument("--threads", default="2")
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
@@ -148,20 +167,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the measured timeline breakdown too")
     args = ap.parse_args()
 
-    from offloadkit.bench.models import bench_model
     from offloadkit.model.checkpoint import open_checkpoint
 
     tests = [t for t in args.tests.split(",") if t]
     threads = [int(t) for t in args.threads.split(",")]
     rows: list[tuple[str, int, str, Pair]] = []
     for dtype in (normalize_dtype(d) for d in args.dtypes.split(",")):
-        ckpt = open_checkpoint(bench_model(args.model, dtype))
+        folder, gguf = model_files(args.model, dtype, not args.no_llamacpp)
+        ckpt = open_checkpoint(folder)
         runner = Runner(CpuEngine(ckpt.spec, ckpt))
-        gguf = None
-        if not args.no_llamacpp:
-            from offloadkit.bench.gguf_export import gguf_path
-
-            gguf = gguf_path(args.model, dtype)
         for t in threads:
             with threads_set(t):
                 for test in tests:

@@ -35,7 +35,12 @@ from offloadkit.kernels.cpu.experts import ExpertWeights, KernelInputError, expe
 from offloadkit.kernels.cpu.experts import linear as kernel_linear
 from offloadkit.kernels.cpu.experts import linear3 as kernel_linear3
 from offloadkit.kernels.cpu.layer_ops import gather_rows, qkv_rope, rope_store, router_topk, softmax_topk
-from offloadkit.kernels.cpu.norms_attention import causal_attention, compare_lane_ops, use_torch_attention
+from offloadkit.kernels.cpu.norms_attention import (
+    attention_bthd,
+    causal_attention,
+    compare_lane_ops,
+    use_torch_attention,
+)
 from offloadkit.kernels.cpu.norms_attention import layer_norm as kernel_layer_norm
 from offloadkit.kernels.cpu.norms_attention import rms_norm as kernel_rms_norm
 from offloadkit.kernels.cpu.primitives import storage_view
@@ -334,3 +339,14 @@ def test_machine_label_names_the_cpu_extensions() -> None:
     label = machine_label(3)
     assert label.endswith(", 3 threads") and all(f in label for f in cpu_features())
     assert ("AVX2" in label) == ("avx2" in flags)
+
+
+@pytest.mark.parametrize(("tokens", "window"), [(64, None), (96, 200), (80, 30)])  # torch's fused path; a window
+def test_attention_of_a_fresh_prompt_is_the_formula(tokens: int, window: int | None) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    q = torch.randn(1, tokens, 8, 32, generator=g)
+    k, v = torch.randn(1, 2, tokens + 10, 32, generator=g), torch.randn(1, 2, tokens + 10, 32, generator=g)
+    k[:, :, tokens:], v[:, :, tokens:] = float("nan"), float("nan")
+    got = attention_bthd(q.numpy(), k.numpy(), v.numpy(), tokens, 0, window)
+    want = attention(q.transpose(1, 2), k[:, :, :tokens], v[:, :, :tokens], 0, window)
+    assert_within(torch.from_numpy(got).transpose(1, 2), want, f"attention of a fresh {tokens}-token prompt")

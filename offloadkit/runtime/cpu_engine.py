@@ -1,14 +1,23 @@
 """The real CPU engine: a whole model on the CPU through offloadkit's kernels, with a measured Timeline.
 
 This is the ``cpu-only`` end of the design (docs/DESIGN.md sections 8 and 9): every weight stays in host
-memory in its stored dtype (a memory-mapped checkpoint stays mapped) and every task runs on the
-``cpu`` lane, through the Numba kernels of :mod:`offloadkit.kernels.cpu`: the experts, dense FFNs,
-attention projections, routers and lm_head on the decode kernels (a few tokens) or the prefill kernels
-(many), the norms, RoPE, the KV-cache write, the attention core and the router's softmax top-k on
-small kernels. Between them the activations stay one f32 numpy array per forward, the *residual
-stream* ``h`` [tokens, hidden], which the O projection, the experts and the FFNs add into in place:
-no torch op, conversion or allocation runs per layer that is not part of a task (issue 10 measured
-~4.5 ms of such fixed cost per token before, against llama.cpp's 0.5 ms).
+memory in its stored dtype (a memory-mapped checkpoint stays mapped; its pages are mapped into the
+process when a layer is first prepared, :func:`map_pages`, as llama.cpp's ``MAP_POPULATE`` does) and
+every task runs on the ``cpu`` lane, through the kernels of :mod:`offloadkit.kernels.cpu`: the experts,
+dense FFNs, attention projections, routers and lm_head on the decode kernels (up to a few dozen tokens)
+or the prefill kernels (widened blocks fed to torch's GEMM), the norms, RoPE, the KV-cache write, the
+attention core and the router's softmax top-k on small kernels. Between them the activations stay one
+f32 numpy array per forward, the *residual stream* ``h`` [tokens, hidden], which the O projection, the
+experts and the FFNs add into in place.
+
+**A decode step makes one call from Python** (:func:`~offloadkit.kernels.cpu.decode_layer.decode_step`,
+where every layer's weights share a dtype and routing is softmax top-k): all layers run inside one
+compiled call, which stamps each task boundary with the CPU's cycle counter, so no Python runs between
+tasks; otherwise one call per layer (:func:`~offloadkit.kernels.cpu.decode_layer.decode_layer`), or the
+separate per-task path (prefill, PhiMoE's sparsemixer, mixed dtypes, no cycle counter). Issue 10
+measured the fixed cost per token of an 8-layer model at ~4.8 ms before (torch ops, conversions and
+dispatch per layer; llama.cpp: ~0.5 ms) and ~0.36 ms with the one-call step; on ``bench-moe`` a decode
+step takes the time of its kernels alone (engine / kernels-only loop 1.00, measured alternated).
 
 The math is the reference forward's (:class:`~offloadkit.model.reference.ReferenceModel`, which this
 class *is*, for its weights, cache and generation helpers): the same RoPE, routing rules, expert
@@ -17,20 +26,22 @@ dispatch and KV cache, so the two differ only by summation order and greedy toke
 in f32 (its compute dtype), written in place.
 
 ``forward(ids, cache, logits="last")`` computes the final norm and the lm_head for the last position
-of each sequence only, which is all generation needs (and what llama-bench asks of llama.cpp);
-``logits="all"`` (the default, as the reference) computes them for every position.
+of each sequence only, which is all generation needs (:mod:`offloadkit.model.generate` asks for it) and
+what llama-bench asks of llama.cpp; ``logits="all"`` (the default, as the reference) computes them for
+every position.
 
 Every forward appends measured :class:`~offloadkit.runtime.timeline.TaskRecord` s to
-``engine.timeline`` (``source="measured"``, machine = this CPU, its extensions and its threads); ``step``
-0 is the prefill, 1, 2, ... the decode steps, and a forward on a fresh cache (or without one) starts a
-new timeline. Per layer, in order, the tasks and what each covers:
+``engine.timeline`` (``source="measured"``, machine = this CPU, its extensions and its threads; times
+from the cycle counter where it ticks steadily, else ``time.perf_counter``); ``step`` 0 is the prefill,
+1, 2, ... the decode steps, and a forward on a fresh cache (or without one) starts a new timeline. Per
+layer, in order, the tasks and what each covers (the same on every path):
 
 - ``attn_norm``: the input norm;
-- ``attn_qkv``: the Q, K and V projections as one fused pass (one parallel launch at decode), their
+- ``attn_qkv``: the Q, K and V projections (one parallel pass over the three weights at decode), their
   biases, RoPE on Q and K, and K and V written into the KV cache (before issue 10 the cache write was
   part of ``attention``);
 - ``attention``: the attention core over the cache, in place;
-- ``attn_o``: the O projection, added into the residual stream;
+- ``attn_o``: the O projection, added into the residual stream (with its bias);
 - ``ffn_norm``: the post-attention norm;
 - ``router`` (MoE layers): the router's logits and its softmax top-k (or sparsemixer);
 - ``expert e``, one per expert used (kind ``expert``): that expert on the tokens that chose it,
@@ -41,7 +52,9 @@ new timeline. Per layer, in order, the tasks and what each covers:
 
 then ``embed`` (first: the embedding rows widened to f32, and the rotary rows, from a table cached per
 engine where the rope type does not depend on the sequence length), ``final_norm`` and ``lm_head``
-(last, both over the positions whose logits are asked for: one per sequence with ``logits="last"``).
+(last, both over the positions whose logits are asked for: one per sequence with ``logits="last"``,
+before issue 10 always every position). Python's own work between tasks (a few µs per layer on the
+separate path, none inside the one-call step) is in no record.
 
 What it refuses: batches whose sequences are not all at the same position (as the reference), devices
 other than the CPU, KV caches in another dtype than f32, and training (no autograd through the kernels).
@@ -187,7 +200,7 @@ class CpuEngine(ReferenceModel):
         self._lm_head_bytes: int | None = None
         self._step_lists: tuple | None = None  # decode_step's per-layer lists (False: some layer cannot)
         self._step_chunks: dict[tuple[int, int], np.ndarray] = {}
-        self._kv_lists: tuple[list[torch.Tensor], NumbaList, NumbaList] | None = None
+        self._kv_lists: tuple[list[torch.Tensor], list[torch.Tensor], NumbaList, NumbaList] | None = None
         self._eps = np.float32(spec.norm_eps)
         self._reserved: tuple[torch.Tensor | None, int] = (None, 0)  # (layer 0's K buffer, capacity) last checked
         self._threads = numba.get_num_threads()
@@ -195,7 +208,7 @@ class CpuEngine(ReferenceModel):
         self._c0 = 0  # the cycle counter when the timeline started
         self.machine = machine_label()
         self._timeline = self._new_timeline()
-        self._pending: list[TaskRecord] = []
+        self._pending: list[tuple] = []  # TaskRecord fields, or (None, ...) for a fused layer's stamps
         self._step = 0
         self._t0 = 0.0
         self._start_clock()
@@ -328,7 +341,7 @@ class CpuEngine(ReferenceModel):
         """The task records of one :func:`decode_layer` call, from its cycle stamps."""
         s, lw, n, d = self.spec, self._layers[layer], b * t, self.spec.hidden_size
         hz = self._clock.hz
-        at = [(int(c) - c0) / hz for c in stamps]
+        at = [(int(c) - c0) / hz for c in np.maximum.accumulate(stamps)]  # monotonic even if the thread migrated
         keys = start + t
         tasks = [("attn_norm", "attn_norm", 4 * d, 0), ("attn_qkv", "attn_qkv", lw.qkv_bytes, 2 * n * lw.qkv_params),
                  ("attention", "attention", b * 2 * keys * s.n_kv_heads * s.head_dim * 4,
@@ -613,17 +626,15 @@ class CpuEngine(ReferenceModel):
         if self._step_lists is None:
             layers = [self._layer(layer) for layer in range(self.spec.n_layers)]
             self._step_lists = False
-            if all(lw.fused is not None for lw in layers):
-                try:
-                    f = [lw.fused for lw in layers]
-                    self._step_lists = (
-                        NumbaList([lw.attn_norm.weight for lw in layers]), NumbaList([x[0][0] for x in f]),
-                        NumbaList([lw.ffn_norm.weight for lw in layers]), NumbaList([x[0][1] for x in f]),
-                        *(NumbaList([getattr(lw, w) for lw in layers]) for w in ("wq", "wk", "wv", "wo")),
-                        *(NumbaList([x[i] for x in f]) for i in range(1, 11)),
-                        np.array([lw.dense is None for lw in layers]))
-                except Exception:  # noqa: BLE001 - numba refuses lists of unlike arrays: the per-layer calls do
-                    self._step_lists = False
+            # every layer fused (one dtype within each), and one dtype across layers: typed lists hold one type
+            if all(lw.fused is not None for lw in layers) and len({lw.wq.dtype for lw in layers}) == 1:
+                f = [lw.fused for lw in layers]
+                self._step_lists = (
+                    NumbaList([lw.attn_norm.weight for lw in layers]), NumbaList([x[0][0] for x in f]),
+                    NumbaList([lw.ffn_norm.weight for lw in layers]), NumbaList([x[0][1] for x in f]),
+                    *(NumbaList([getattr(lw, w) for lw in layers]) for w in ("wq", "wk", "wv", "wo")),
+                    *(NumbaList([x[i] for x in f]) for i in range(1, 11)),
+                    np.array([lw.dense is None for lw in layers]))
         return self._step_lists or None
 
     def _fused_step(self, lists: tuple, h: np.ndarray, b: int, t: int, start: int, cache: KVCache | None,

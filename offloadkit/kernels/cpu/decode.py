@@ -17,8 +17,19 @@ every weight byte once, in long sequential streams, on every core at once. The s
 
 Both passes split rows evenly over the Numba threads (contiguous runs, which the hardware
 prefetchers follow). Shapes too small to pay for a parallel launch (under
-:data:`PARALLEL_MIN_BYTES` of weights) run on the calling thread. :func:`rows_dot` is the same
-pass 2 for any weight ``[out, in]``: attention projections, routers and the lm_head use it too.
+:data:`PARALLEL_MIN_BYTES` of weights), and every pass when Numba runs one thread, run on the calling
+thread. :func:`expert_decode` runs both passes inside one compiled call (:func:`expert_parallel`: two
+parallel regions back to back, nothing in Python between them), and takes a per-token ``scale`` (the
+router's weight) that multiplies ``h``, so a weighted expert adds straight into the residual stream.
+:func:`rows_dot` is the same pass 2 for any weight ``[out, in]``: attention projections, routers and
+the lm_head use it too; :func:`rows_dot3` runs the Q, K and V projections as one pass over the three
+weights (K and V alone are too small to keep both threads streaming to the end).
+
+Issue 10 (bench-moe: 2048 x 2048 experts, AVX2, 2 threads, mmap'd weights, measured): 16 experts back
+to back read at 94-100% of a plain read of the same bytes; the decode step as a whole (QKV, O, 2 random
+experts per layer, lm_head) at ~87%. Dynamic scheduling (4-16 chunks per thread), a software prefetch
+of the next row and an even/odd bf16 widening (``u32 << 16``, ``u32 & 0xffff0000``) measured no better
+(0.95-1.07x, within this machine's noise), so the rows stream as described.
 
 Measured on a Mixtral expert (2 threads, AVX2): at one token the kernel reads bf16 and f32 weights
 at 88-97% of a plain read of the same bytes. From ~4 tokens on it is bound by FMA throughput

@@ -12,8 +12,12 @@ what lets CC, CG and GG slices be computed in different places and added. ``path
 decode kernel (:mod:`offloadkit.kernels.cpu.decode`, memory-bound, each weight byte read once for
 all tokens) for up to :data:`DECODE_MAX_TOKENS` tokens (a few dozen: measured) and the prefill kernel
 (:mod:`offloadkit.kernels.cpu.prefill`, weights widened once per block and fed to BLAS) above.
-:func:`linear` does the same for a plain ``y = x Wᵀ`` (attention projections, routers, lm_head).
-Every kernel releases the GIL (``nogil``), so a worker thread can run them while other threads work.
+:func:`linear` does the same for a plain ``y = x Wᵀ`` (attention projections, routers, lm_head), and
+:func:`linear3` for three weights applied to one ``x`` (Q, K and V: one decode pass). ``scale`` (a
+weight per token, multiplied in before the down projection) and ``out`` let an expert add its routed
+output straight into a residual stream; ``linear(..., accumulate=True)`` does the same for the O
+projection. Every kernel releases the GIL (``nogil``), so a worker thread can run them while other
+threads work.
 
 It refuses, with :class:`KernelInputError` (an ``OffloadkitError``): a slice outside ``[0, I)`` or with
 ``r0 > r1``; activations that are not f32 ``[n, H]`` with the expert's H; weights of different dtypes

@@ -16,7 +16,12 @@ faster (:func:`compare_lane_ops` measures them again; ``offloadkit bench kernels
   512 positions (32 heads, 8 KV heads, 128 dims) torch took ~6.3 ms and the kernel ~0.2 ms; for a
   fresh 512-token prefill 87 ms against 47 ms. Torch won one case, a 128-token chunk after 384
   cached positions (13 ms against 20 ms), so :func:`use_torch_attention` sends chunks of more than
-  32 tokens that follow a cache to torch.
+  32 tokens that follow a cache to torch. For a *fresh* prompt, torch's fused
+  ``scaled_dot_product_attention`` (causal, GQA without copies; torch >= 2.5) beat the kernel from
+  :data:`SDPA_MIN_TOKENS` tokens on (issue 10, bench-moe's 16 heads / 4 KV heads / 128 dims, 2 threads):
+  0.37 against 0.41 ms at 64 tokens, 4.2 against 5.5 at 256, 16.4 against 22.3 at 512 (1 thread: 32
+  against 46 ms), and lost at 32 (0.13 against 0.11), so :func:`attention_bthd` takes it there.
+  The kernel takes the token-major layout [B, T, H, D] of the projections, so neither side transposes.
 - **router logits**: the decode / prefill ``linear`` of :mod:`offloadkit.kernels.cpu.experts` (weights read
   in their stored dtype); softmax and top-k stay in torch (:mod:`offloadkit.model.moe`), on a few
   dozen numbers.
@@ -170,6 +175,9 @@ def _attention_parallel(q, k, v, length, q_start, window, out):
 
 #: Below this many multiply-adds (queries x positions x head dim x heads) attention runs on one thread.
 _PARALLEL_ATTENTION_MACS = 1 << 18
+#: A fresh prompt of this many tokens or more goes to torch's ``scaled_dot_product_attention`` (see the
+#: module docstring: 10-30% faster than the kernel from 64 tokens on, 14% slower at 32).
+SDPA_MIN_TOKENS = 64
 
 
 def use_torch_attention(tokens: int, q_start: int) -> bool:
@@ -189,6 +197,15 @@ def attention_bthd(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, q_s
     """
     out = np.empty_like(q) if out is None else out
     window = sliding_window or 0
+    tokens = q.shape[1]
+    if q_start == 0 and length == tokens >= SDPA_MIN_TOKENS and (window == 0 or window >= tokens):
+        # a fresh prompt: torch's fused causal attention (flash kernel, GQA without copies) measured faster
+        with torch.no_grad():
+            o = F.scaled_dot_product_attention(torch.from_numpy(q).transpose(1, 2),
+                                               torch.from_numpy(k)[:, :, :length], torch.from_numpy(v)[:, :, :length],
+                                               is_causal=True, enable_gqa=True)
+            torch.from_numpy(out).copy_(o.transpose(1, 2))
+        return out
     if not _parallel(q.size * length, _PARALLEL_ATTENTION_MACS, threads):
         _attention_heads(q, k, v, length, q_start, window, out, 0, q.shape[0] * q.shape[2])
     else:
