@@ -16,6 +16,9 @@ come from. The protocol is llama-bench's (tools/llama-bench/llama-bench.cpp in l
   (:func:`offloadkit.hardware.stream.measure_read`) is measured before and after every pair: this
   machine's bandwidth moves by 2x within an hour, so only the per-round ratio means something.
 
+The measuring is ``offloadkit bench``'s own (:func:`offloadkit.bench.protocol.run_bench`); this script
+adds the engine's timeline breakdown (``--profile``) and the model choices its development needed.
+
 ``--profile`` adds what the engine's own measured timeline says about one prefill and one decode step:
 time per task kind, the decode step's effective read bandwidth (bytes the step reads / its time) beside
 the machine's read, and the prefill's GFLOP/s beside torch's f32 GEMM of the expert shape.
@@ -31,95 +34,31 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from offloadkit.bench.protocol import threads_set
-from offloadkit.hardware.machine import machine_label
+from offloadkit.bench.protocol import (
+    BenchSettings,
+    OffloadkitRunner,
+    format_markdown,
+    open_bench_model,
+    run_bench,
+    threads_set,
+)
 from offloadkit.hardware.stream import measure_read
 from offloadkit.model.dtypes import normalize_dtype
-from offloadkit.runtime.cpu_engine import CpuEngine
-
-SHORT = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
 
 
-@dataclass
-class Pair:
-    """Per-round tokens/s of both engines for one test, and the reads measured around each pair."""
-
-    ok: list[float] = field(default_factory=list)
-    llama: list[float] = field(default_factory=list)
-    read_gbps: list[float] = field(default_factory=list)
-
-
-def _ms(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
-
-
-class Runner:
-    """llama-bench's two tests on offloadkit's CPU engine."""
-
-    def __init__(self, engine: CpuEngine, seed: int = 0) -> None:
-        self.engine, self.rng = engine, np.random.default_rng(seed)
-
-    def ids(self, n: int) -> torch.Tensor:
-        return torch.from_numpy(self.rng.integers(0, self.engine.spec.vocab_size, size=(1, n), dtype=np.int64))
-
-    def pp(self, n: int) -> float:
-        cache, ids = self.engine.new_cache(1, n), self.ids(n)
-        t0 = time.perf_counter()
-        self.engine.forward(ids, cache, logits="last")
-        return n / (time.perf_counter() - t0)
-
-    def tg(self, n: int) -> float:
-        cache, ids = self.engine.new_cache(1, n), self.ids(n)
-        t0 = time.perf_counter()
-        for i in range(n):
-            self.engine.forward(ids[:, i:i + 1], cache, logits="last")
-        return n / (time.perf_counter() - t0)
-
-
-def llama_once(gguf, test: str, n: int, threads: int) -> float:
-    from offloadkit.bench.llamacpp import run_llama_bench
-
-    rec = run_llama_bench(gguf, n_prompt=n if test == "pp" else 0, n_gen=n if test == "tg" else 0,
-                          threads=threads, repetitions=1)
-    return float(rec[0].samples_ts[0])
-
-
-def model_files(model: str, dtype: str, want_gguf: bool) -> tuple[Path, Path | None]:
-    """(checkpoint folder, GGUF file or None) of a benchmark model name, ``demo`` or a checkpoint folder."""
-    from offloadkit.bench.gguf_export import export_gguf, gguf_path
-    from offloadkit.bench.models import bench_model, cache_dir, is_bench_model
-
-    if is_bench_model(model):
-        return bench_model(model, dtype), gguf_path(model, dtype) if want_gguf else None
-    from offloadkit.model.zoo import resolve_model
-
-    folder = resolve_model(model)
-    out = cache_dir() / "gguf" / f"{folder.name}-{dtype}.gguf"
-    if want_gguf and not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf(folder, out, dtype)
-    return folder, out if want_gguf else None
-
-
-def profile(runner: Runner, n_prompt: int) -> None:
+def profile(runner: OffloadkitRunner, n_prompt: int) -> None:
     """Per-kind times of one prefill and one decode step (measured timeline), with physical limits beside."""
     e = runner.engine
     cache = e.new_cache(1, n_prompt + 40)
-    e.forward(runner.ids(n_prompt), cache, logits="last")
+    e.forward(runner.random_ids(n_prompt), cache, logits="last")
     steps = 32
     t0 = time.perf_counter()
     for _ in range(steps):
-        e.forward(runner.ids(1), cache, logits="last")
+        e.forward(runner.random_ids(1), cache, logits="last")
     step_s = (time.perf_counter() - t0) / steps
     tl = e.timeline
     for label, recs, div, wall in (("prefill", tl.select(step=0), 1, None),
@@ -167,46 +106,22 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the measured timeline breakdown too")
     args = ap.parse_args()
 
-    from offloadkit.model.checkpoint import open_checkpoint
-
     tests = [t for t in args.tests.split(",") if t]
     threads = [int(t) for t in args.threads.split(",")]
-    rows: list[tuple[str, int, str, Pair]] = []
-    for dtype in (normalize_dtype(d) for d in args.dtypes.split(",")):
-        folder, gguf = model_files(args.model, dtype, not args.no_llamacpp)
-        ckpt = open_checkpoint(folder)
-        runner = Runner(CpuEngine(ckpt.spec, ckpt))
-        for t in threads:
-            with threads_set(t):
-                for test in tests:
-                    n = args.n_prompt if test == "pp" else args.n_gen
-                    run = runner.pp if test == "pp" else runner.tg
-                    run(n if test == "pp" else 4)  # the warm-up
-                    pair = Pair()
-                    for r in range(args.repetitions):
-                        pair.read_gbps.append(measure_read().gbps)
-                        order = ("ok", "llama") if r % 2 == 0 else ("llama", "ok")
-                        for side in order:
-                            if side == "ok":
-                                pair.ok.append(run(n))
-                            elif gguf is not None:
-                                pair.llama.append(llama_once(gguf, test, n, t))
-                        pair.read_gbps.append(measure_read().gbps)
-                    rows.append((SHORT[dtype], t, f"{test}{n}", pair))
-                    ratio = [a / b for a, b in zip(pair.ok, pair.llama, strict=False)]
-                    print(f"{args.model} {SHORT[dtype]} t{t} {test}{n}: offloadkit {_ms(pair.ok)} t/s, llama.cpp "
-                          f"{_ms(pair.llama)} t/s, ratio {_ms(ratio)}; read {_ms(pair.read_gbps)} GB/s "
-                          f"(measured on {machine_label(t)})", flush=True)
-                if args.profile:
-                    print(f"profile {SHORT[dtype]} t{t}:")
+    dtypes = [normalize_dtype(d) for d in args.dtypes.split(",")]
+    run = run_bench(BenchSettings(models=[args.model], dtypes=dtypes, threads=threads,
+                                  n_prompt=[args.n_prompt] if "pp" in tests else [],
+                                  n_gen=[args.n_gen] if "tg" in tests else [], repetitions=args.repetitions,
+                                  engines=("offloadkit",) if args.no_llamacpp else ("offloadkit", "llama.cpp"),
+                                  require_llamacpp=not args.no_llamacpp, timelines=False))
+    print(format_markdown(run))
+    if args.profile:
+        for dtype in dtypes:
+            runner = OffloadkitRunner(open_bench_model(args.model, dtype, progress=True))
+            for t in threads:
+                with threads_set(t):
+                    print(f"profile {dtype} t{t}:")
                     profile(runner, args.n_prompt)
-    print("\n| dtype | threads | test | offloadkit t/s | llama.cpp t/s | offloadkit / llama.cpp | read GB/s |")
-    print("|---|---|---|---|---|---|---|")
-    for dtype, t, test, pair in rows:
-        ratio = [a / b for a, b in zip(pair.ok, pair.llama, strict=False)]
-        print(f"| {dtype} | {t} | {test} | {_ms(pair.ok)} | {_ms(pair.llama)} | {_ms(ratio)} | {_ms(pair.read_gbps)} |")
-    print(f"measured on {machine_label(max(threads))} ({args.repetitions} alternated rounds per test; "
-          f"model {args.model})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offloadkit.bench.protocol import BenchSettings, OffloadkitRunner, _open_model, format_markdown, run_bench
+from offloadkit.bench.protocol import BenchSettings, OffloadkitRunner, format_markdown, open_bench_model, run_bench
 from offloadkit.bench.results import BenchRow, BenchRun, Ratio
 from offloadkit.cli import main
 from offloadkit.errors import BenchError
@@ -44,7 +44,7 @@ class CountingEngine:
 
 
 def test_runner_runs_llama_bench_tests(tiny):
-    runner = OffloadkitRunner(_open_model(str(tiny), "float32", progress=False))
+    runner = OffloadkitRunner(open_bench_model(str(tiny), "float32", progress=False))
     counting = CountingEngine(runner.engine)
     runner.engine = counting
     runner.run_once(12, 0)
@@ -58,8 +58,8 @@ def test_runner_runs_llama_bench_tests(tiny):
 
 
 def test_last_logits_equal_the_full_forwards_last_row(tiny):
-    runner = OffloadkitRunner(_open_model(str(tiny), "float32", progress=False))
-    ids = runner._ids(9)
+    runner = OffloadkitRunner(open_bench_model(str(tiny), "float32", progress=False))
+    ids = runner.random_ids(9)
     full = runner.engine.forward(ids, runner.engine.new_cache(1, 9))
     last = runner.engine.forward(ids, runner.engine.new_cache(1, 9), logits="last")
     assert last.shape[-2] == 1

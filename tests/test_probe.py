@@ -11,8 +11,8 @@ import pytest
 from offloadkit import ProfileError
 from offloadkit.hardware import load_profile, profile_to_toml, save_profile
 from offloadkit.hardware.catalog import read_profile
-from offloadkit.hardware.probe import build_profile, default_name, peak_tflops
-from offloadkit.hardware.probe_cpu import QUICK_LANE, best_time, monotone, token_points
+from offloadkit.hardware.probe import build_profile, default_name
+from offloadkit.hardware.probe_cpu import QUICK_LANE, best_time, monotone, peak_tflops, token_points
 from offloadkit.hardware.probe_cuda import parse_link_query
 from offloadkit.hardware.stream import READ_BYTES, ReadMeasurement, measure_read
 

@@ -126,7 +126,7 @@ def threads_set(n: int) -> Iterator[None]:
 
 
 @dataclass
-class _Model:
+class BenchModel:
     """A benchmark subject: its name, checkpoint folder, spec, and (lazily) engine and GGUF file."""
 
     name: str
@@ -137,7 +137,8 @@ class _Model:
     gguf: Path | None = None
 
 
-def _open_model(name: str, dtype: str, progress: bool) -> _Model:
+def open_bench_model(name: str, dtype: str, progress: bool) -> BenchModel:
+    """A benchmark model (made in ``dtype`` if needed) or a checkpoint of that dtype, opened memory-mapped."""
     from offloadkit.bench.models import bench_model, is_bench_model
     from offloadkit.model.checkpoint import open_checkpoint
     from offloadkit.model.zoo import resolve_model
@@ -148,10 +149,10 @@ def _open_model(name: str, dtype: str, progress: bool) -> _Model:
         raise BenchError(f"{folder} stores {ckpt.spec.dtype} weights, not {dtype}: benchmark it with "
                          f"--dtype {ckpt.spec.dtype} (offloadkit measures weights as they are stored), or pick "
                          f"a benchmark model, which is made in any dtype")
-    return _Model(name if is_bench_model(name) else folder.name, dtype, folder, ckpt.spec, engine=ckpt)
+    return BenchModel(name if is_bench_model(name) else folder.name, dtype, folder, ckpt.spec, engine=ckpt)
 
 
-def _engine(m: _Model) -> Any:
+def _engine(m: BenchModel) -> Any:
     from offloadkit.runtime.cpu_engine import CpuEngine
 
     if not isinstance(m.engine, CpuEngine):
@@ -167,19 +168,19 @@ def _forward_last(engine: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
 class OffloadkitRunner:
     """Times llama-bench's tests on offloadkit's CPU engine (one repetition per call)."""
 
-    def __init__(self, model: _Model, seed: int = 0) -> None:
+    def __init__(self, model: BenchModel, seed: int = 0) -> None:
         self.model = model
         self.engine = _engine(model)
         self.rng = np.random.default_rng(seed)
 
-    def _ids(self, n: int) -> torch.Tensor:
+    def random_ids(self, n: int) -> torch.Tensor:
         return torch.from_numpy(self.rng.integers(0, self.model.spec.vocab_size, size=(1, n), dtype=np.int64))
 
     def run_once(self, n_prompt: int, n_gen: int) -> float:
         """Seconds of one repetition: a prompt forward of ``n_prompt`` tokens, then ``n_gen`` one-token steps."""
         e = self.engine
         cache = e.new_cache(1, n_prompt + n_gen)
-        prompt, gen = self._ids(n_prompt), self._ids(n_gen)
+        prompt, gen = self.random_ids(n_prompt), self.random_ids(n_gen)
         t0 = time.perf_counter()
         if n_prompt:
             _forward_last(e, prompt, cache)
@@ -195,8 +196,8 @@ class OffloadkitRunner:
         """Measured timelines of one prefill (``n_prompt`` tokens) and the decode step after it."""
         e = self.engine
         cache = e.new_cache(1, n_prompt + 1)
-        _forward_last(e, self._ids(n_prompt), cache)
-        _forward_last(e, self._ids(1), cache)
+        _forward_last(e, self.random_ids(n_prompt), cache)
+        _forward_last(e, self.random_ids(1), cache)
         return {"prefill": e.timeline.select(step=0).to_dict(), "decode": e.timeline.select(step=1).to_dict()}
 
 
@@ -239,7 +240,7 @@ def _predict(spec: Any, profile: Any, n_prompt: int, n_gen: int, engine: str) ->
     return (n_prompt + n_gen) / seconds, f"simulated on profile {profile.name} ({policy} policy)"
 
 
-def _row(engine: str, m: _Model, threads: int, n_prompt: int, n_gen: int, samples: list[float],
+def _row(engine: str, m: BenchModel, threads: int, n_prompt: int, n_gen: int, samples: list[float],
          sim: tuple[float | None, str]) -> BenchRow:
     s = m.spec
     return BenchRow(engine=engine, model=m.name, size_bytes=int(s.total_bytes), params=int(s.total_params),
@@ -294,7 +295,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True,
     bar = tqdm(total=total, desc="offloadkit bench", unit="round", disable=not progress)
     for name in settings.models:
         for dtype in (normalize_dtype(d) for d in settings.dtypes):
-            m = _open_model(name, dtype, progress)
+            m = open_bench_model(name, dtype, progress)
             ok = OffloadkitRunner(m, settings.seed) if "offloadkit" in engines else None
             if "llama.cpp" in engines:
                 from offloadkit.bench.gguf_export import gguf_for
@@ -312,7 +313,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True,
     return run
 
 
-def _measure_test(run: BenchRun, m: _Model, ok: OffloadkitRunner | None, engines: list[str], threads: int,
+def _measure_test(run: BenchRun, m: BenchModel, ok: OffloadkitRunner | None, engines: list[str], threads: int,
                   n_prompt: int, n_gen: int, settings: BenchSettings, profile: Any, bar: Any) -> None:
     """One test: warm offloadkit up, then ``repetitions`` rounds of alternated single repetitions."""
     from offloadkit.bench.llamacpp import run_llama_bench
@@ -355,10 +356,8 @@ def format_markdown(run: BenchRun) -> str:
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---"] * len(TABLE_HEAD)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(run)]
     out = ["\n".join(lines), ""]
-    if run.read_gbps:
-        rb = np.array(run.read_gbps)
-        out.append(f"memory read during the run (measured before and after each pair): {rb.mean():.1f} ± "
-                   f"{rb.std():.1f} GB/s (min {rb.min():.1f}, max {rb.max():.1f})")
+    if run.reads():
+        out.append(f"memory read during the run (measured before and after each pair): {run.read_summary()}")
     out.append(f"measured on {run.machine}; {run.meta.get('repetitions')} alternated repetitions per test"
                + (f"; llama.cpp build {run.meta['llamacpp_build']}" if run.meta.get("llamacpp_build") else ""))
     sim_labels = sorted({r.sim_label for r in run.rows if r.sim_label})
@@ -369,4 +368,5 @@ def format_markdown(run: BenchRun) -> str:
     return "\n".join(out)
 
 
-__all__ = ["BenchSettings", "OffloadkitRunner", "default_threads", "format_markdown", "run_bench", "threads_set"]
+__all__ = ["BenchSettings", "OffloadkitRunner", "default_threads", "format_markdown", "open_bench_model", "run_bench",
+           "threads_set"]

@@ -21,7 +21,6 @@ that says why, never drawn empty.
 from __future__ import annotations
 
 import html
-import math
 import statistics
 from pathlib import Path
 
@@ -178,7 +177,7 @@ def sim_figure(run: BenchRun) -> go.Figure | None:
 
 def read_figure(run: BenchRun) -> go.Figure | None:
     """The memory read (GB/s, measured) before and after each alternated pair, in run order; None if none."""
-    gbps = [g for g in run.read_gbps if g is not None and math.isfinite(g)]
+    gbps = run.reads()
     if not gbps:
         return None
     mean = statistics.fmean(gbps)
@@ -265,13 +264,11 @@ def _summary(run: BenchRun) -> str:
 
 
 def _read_text(run: BenchRun) -> str:
-    gbps = [g for g in run.read_gbps if g is not None and math.isfinite(g)]
+    gbps = run.reads()
     if not gbps:
         return _p("No memory read was measured during this run. " + READ_NOTE, "missing")
-    sd = statistics.stdev(gbps) if len(gbps) > 1 else 0.0
     return _p(f"Memory read during the run (measured before and after each pair, {len(gbps)} measurements): "
-              f"{statistics.fmean(gbps):.1f} ± {sd:.1f} GB/s, min {min(gbps):.1f}, max {max(gbps):.1f}. "
-              + READ_NOTE)
+              f"{run.read_summary()}. " + READ_NOTE)
 
 
 def report_html(run: BenchRun) -> str:

@@ -23,6 +23,16 @@ from typing import Any
 ENGINES = ("offloadkit", "llama.cpp")
 
 
+def mean(xs: list[float]) -> float:
+    """The mean (NaN for no samples)."""
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def sample_sd(xs: list[float]) -> float:
+    """The sample standard deviation (n - 1, as llama-bench's ``stddev_ts``); 0 for fewer than 2 samples."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 @dataclass
 class BenchRow:
     """One test of one engine: tokens/s of each repetition (measured) and their mean ± sd."""
@@ -49,11 +59,11 @@ class BenchRow:
 
     @property
     def avg_ts(self) -> float:
-        return statistics.fmean(self.samples_ts) if self.samples_ts else math.nan
+        return mean(self.samples_ts)
 
     @property
     def stddev_ts(self) -> float:
-        return statistics.stdev(self.samples_ts) if len(self.samples_ts) > 1 else 0.0
+        return sample_sd(self.samples_ts)
 
     def key(self) -> tuple[str, str, int, str]:
         """What pairs an offloadkit row with its llama.cpp row: (model, dtype, threads, test)."""
@@ -80,11 +90,11 @@ class Ratio:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.ratios) if self.ratios else math.nan
+        return mean(self.ratios)
 
     @property
     def sd(self) -> float:
-        return statistics.stdev(self.ratios) if len(self.ratios) > 1 else 0.0
+        return sample_sd(self.ratios)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"mean": self.mean, "sd": self.sd}
@@ -100,6 +110,15 @@ class BenchRun:
     read_gbps: list[float] = field(default_factory=list)  # memory read measured before/after each pair
     timelines: dict[str, dict[str, Any]] = field(default_factory=dict)  # "prefill"/"decode" -> Timeline.to_dict()
     meta: dict[str, Any] = field(default_factory=dict)  # protocol settings, llama.cpp build, date
+
+    def reads(self) -> list[float]:
+        """The memory reads measured during the run (GB/s), the missing or broken ones left out."""
+        return [g for g in self.read_gbps if g is not None and math.isfinite(g)]
+
+    def read_summary(self) -> str:
+        """``"46.6 ± 14.3 GB/s, min 35.1, max 66.7"``: mean ± sample sd of :meth:`reads` ("" if none)."""
+        g = self.reads()
+        return f"{mean(g):.1f} ± {sample_sd(g):.1f} GB/s, min {min(g):.1f}, max {max(g):.1f}" if g else ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "rows": [r.to_dict() for r in self.rows],

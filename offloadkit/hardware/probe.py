@@ -11,8 +11,8 @@ What it measures (CPU always; GPU and PCIe when ``torch.cuda.is_available()``, s
   bf16-stored weights, widened to f32 inside the kernel, docs/DESIGN.md section 10), read from a working
   set beyond the last-level cache; the expert's whole-call curves ``cpu_expert_f32`` / ``cpu_expert_bf16``
   and their best FLOP rates as ``flops_*_tflops``; the attention core's rate; and the fixed costs of
-  the CPU engine's tasks, measured on the engine itself (``[cpu_lane]``, what the simulator prices the
-  engine with).
+  the CPU engine's tasks, measured on the engine itself (``probe_engine.py``; ``[cpu_lane]``, what the
+  simulator prices the engine with).
 - The per-call overhead of the same kernel on a tiny expert (median).
 
 It refuses to invent what it did not measure: a CPU-only machine gets a profile without ``[gpu]`` and
@@ -121,11 +121,6 @@ def measure_call_overhead_us(calls: int = 300) -> tuple[float, str]:
         kernel(x)
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6, f"median of {calls} calls of {what} on an 8 x 8 bf16 expert, 1 token"
-
-
-def peak_tflops(seconds: list[float], tokens: tuple[int, ...], params: int) -> float:
-    """The best FLOP rate along a curve, TFLOP/s (a matmul of n tokens is 2 n params FLOPs)."""
-    return max(2 * n * params / t for n, t in zip(tokens, seconds, strict=True)) / 1e12
 
 
 # ---- the whole probe ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The CPU lane's part of ``offloadkit profile``: offloadkit's own kernels and engine, timed as the engine runs them.
+"""The CPU lane's part of ``offloadkit profile``: offloadkit's own kernels, timed as the engine runs them.
 
 The simulator prices offloadkit's CPU engine from these figures (:mod:`offloadkit.plan.cpu_lane`), so they
-are measured on the engine's code, not on stand-ins, and follow the engine when it changes:
+are measured on the engine's code, not on stand-ins, and follow the engine when it changes. This module
+measures what the engine's kernels cost per call; :mod:`offloadkit.hardware.probe_engine` measures what
+the engine spends beyond them, net of these curves, and :func:`measure_lane` runs both:
 
 - **matmul curves per shape class and dtype**, on the kernel entry points the engine calls
   (:mod:`offloadkit.kernels.cpu.experts`): ``linear3`` on Q, K and V shaped weights (``qkv``), ``linear``
@@ -16,20 +18,15 @@ are measured on the engine's code, not on stand-ins, and follow the engine when 
   widest expert's whole-call curve is also kept as ``cpu_expert_<dtype>`` (what the plain roofline reads).
 - **the attention core's FLOP rate** by keys per query and head dim (the engine's attention kernel:
   decode calls over growing contexts and fresh prefills, net of a one-head, one-key call).
-- **the engine's own costs**, from :class:`~offloadkit.runtime.cpu_engine.CpuEngine` itself on probe models
-  (:data:`ENGINES`: MoE and dense, hidden 512 and 1024, one and two layers): each task's time beyond its
-  priced kernel work in decode steps is its fixed cost (``a + c * hidden`` through the two widths; for the
-  kinds that stream their weights, the whole call per weight on the widest models: the engine's own read);
-  a forward's wall time minus its tasks, across the layer counts, is the work outside any task per step
-  and per layer; prompts against one-token forwards on the wider models give each task's cost per row
-  and hidden unit (norms, RoPE, gathers, page faults of fresh arrays).
+- **the engine's own costs** (:func:`offloadkit.hardware.probe_engine.measure_engine`): the real
+  :class:`~offloadkit.runtime.cpu_engine.CpuEngine` on probe models, each task's time beyond the kernel
+  work these curves and rates price (fixed, per hidden unit, per row, and the work between tasks).
 
 What it refuses: nothing beyond the probe's rule (``build_profile`` refuses non-positive figures).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -42,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-MIB = 2**20
+from offloadkit.hardware.probe_engine import measure_engine
+from offloadkit.hardware.stream import MIB
 
 
 def best_time(fn: Callable[[], object], reps: int, budget_s: float = 0.0) -> float:
@@ -212,6 +210,11 @@ def class_curve(sweeps: list[dict[int, tuple[float, float]]]) -> tuple[list[int]
     return tokens, monotone(whole), monotone(net)
 
 
+def peak_tflops(seconds: list[float], tokens: tuple[int, ...] | list[int], params: int) -> float:
+    """The best FLOP rate along a curve, TFLOP/s (a matmul of n tokens is 2 n params FLOPs)."""
+    return max(2 * n * params / t for n, t in zip(tokens, seconds, strict=True)) / 1e12
+
+
 def monotone(seconds: list[float]) -> list[float]:
     """``seconds`` with every point lowered to the smallest at more tokens: a kernel is not slower with fewer
     tokens, so a point above a later one caught a stall of the shared machine (threads descheduled for a
@@ -274,216 +277,6 @@ def measure_attention(s: LaneSettings) -> tuple[list[int], list[int], list[list[
     return keys, list(s.attention_head_dims), rows, how
 
 
-# ---- the engine's own costs ------------------------------------------------------------------------------
-
-#: The models the engine's own costs are measured on: (architecture, hidden, layers). Two widths give each
-#: cost's growth with the hidden size, two layer counts the work outside tasks per layer; the widest runs
-#: the prompts. Their experts and FFNs are wide (4-8x hidden), so every step streams weights through the
-#: caches as real models do: a task's fixed cost measured with the interpreter's data in cache was half of
-#: what it costs between two matmuls that evict it (measured on a 2-core AMD EPYC). Not narrower than 512:
-#: at hidden 256 the decode kernels' rows are short and read at half the rate (measured), which no
-#: benchmark model shares.
-ENGINES = (("mixtral", 512, 1), ("mixtral", 512, 2), ("mixtral", 1024, 2),
-           ("llama", 512, 1), ("llama", 512, 2), ("llama", 1024, 2))
-HOST_KIND = {"mixtral": "host_moe_layer", "llama": "host_layer"}
-
-
-def probe_spec(arch: str, hidden: int, layers: int, vocab: int, dtype: str = "bfloat16") -> Any:
-    """A probe model: heads of 64 (4 per KV head), 4 experts of 8 x hidden (top-2) or an FFN of 16 x hidden
-    up to 4096 / 8192 wide, bf16 (f32 for the f32 read)."""
-    from offloadkit.model.spec import ModelSpec
-    from offloadkit.model.writer import make_config
-
-    inter = min(16 * hidden, 4096) if arch == "mixtral" else min(32 * hidden, 8192)
-    heads = hidden // 64
-    config = make_config(arch, layers=layers, hidden=hidden, heads=heads, kv_heads=max(1, heads // 4), experts=4,
-                         top_k=2, intermediate=inter, vocab=vocab, dtype=dtype)
-    return ModelSpec.from_config(config, name=f"probe-{arch}-{hidden}x{layers}-{dtype}")
-
-
-@dataclass
-class _Step:
-    """One measured forward: its wall time, tokens, cached positions before it, and its task records."""
-
-    wall_s: float
-    tokens: int
-    past: int
-    records: list[Any]
-
-
-class _Runner:
-    """The CPU engine on a random-weight ``spec``, every forward timed from outside and its records kept."""
-
-    def __init__(self, spec: Any) -> None:
-        from offloadkit.model.writer import random_weights
-        from offloadkit.runtime.cpu_engine import CpuEngine
-
-        self.spec = spec
-        self.engine = CpuEngine(spec, random_weights(spec, seed=0))
-        self.kw = {"logits": "last"} if "logits" in inspect.signature(self.engine.forward).parameters else {}
-        self.gen = torch.Generator().manual_seed(0)
-
-    def forward(self, n: int, cache: Any) -> _Step:
-        ids = torch.randint(3, self.spec.vocab_size, (1, n), generator=self.gen)
-        past = cache.length
-        t0 = time.perf_counter()
-        self.engine.forward(ids, cache, **self.kw)
-        wall = time.perf_counter() - t0
-        tl = self.engine.timeline
-        return _Step(wall, n, past, list(tl.select(step=tl.steps()[-1])))
-
-    def decode(self, steps: int) -> list[_Step]:
-        """Two passes of a one-token forward and ``steps`` decode steps; the second pass's decode steps."""
-        out: list[_Step] = []
-        for _ in range(2):
-            cache = self.engine.new_cache(1, steps + 1)
-            self.forward(1, cache)
-            out = [self.forward(1, cache) for _ in range(steps)]
-        return out
-
-    def fresh(self, sizes: tuple[int, ...], reps: int) -> dict[int, list[_Step]]:
-        """``reps`` fresh forwards of each size, interleaved (after one warm-up round)."""
-        out: dict[int, list[_Step]] = {n: [] for n in sizes}
-        for _ in range(reps + 1):
-            for n in sizes:
-                out[n].append(self.forward(n, self.engine.new_cache(1, n)))
-        return {n: v[1:] for n, v in out.items()}
-
-
-def record_rows(record: Any, spec: Any, step_tokens: int) -> int:
-    """Rows one engine task computed: an expert's tokens and the lm_head's positions from their FLOPs."""
-    if record.kind == "expert" and record.flops:
-        return max(1, round(record.flops / (6 * spec.hidden_size * spec.expert_intermediate_size)))
-    if record.kind == "lm_head" and record.flops:
-        return max(1, round(record.flops / (2 * spec.hidden_size * spec.vocab_size)))
-    return step_tokens
-
-
-def _residuals(step: _Step, prices: Any, spec: Any) -> dict[str, tuple[int, float, int]]:
-    """Per kind: (calls, seconds beyond the priced kernel work, rows) of one measured step (the final norm
-    computes the lm_head's rows)."""
-    from offloadkit.plan.cpu_lane import params_of
-
-    head_rows = next((record_rows(r, spec, step.tokens) for r in step.records if r.kind == "lm_head"), step.tokens)
-    out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
-    for r in step.records:
-        n = head_rows if r.kind == "final_norm" else record_rows(r, spec, step.tokens)
-        if r.kind == "attention":
-            work = prices.attention_work_s(n, n * step.past + n * (n + 1) // 2)
-        else:
-            work = prices.work_s(r.kind, n, params_of(spec, r.kind))
-        acc = out[r.kind]
-        acc[0] += 1
-        acc[1] += (r.end_s - r.start_s) - work
-        acc[2] += n
-    return {k: (int(v[0]), float(v[1]), int(v[2])) for k, v in out.items()}
-
-
-def _outside(step: _Step) -> float:
-    return step.wall_s - sum(r.end_s - r.start_s for r in step.records)
-
-
-def _line(points: dict[int, list[float]]) -> tuple[float, float]:
-    """``(a, c)`` of ``a + c * hidden`` through the medians at the smallest and largest hidden size (c >= 0)."""
-    lo, hi = min(points), max(points)
-    y0, y1 = statistics.median(points[lo]), statistics.median(points[hi])
-    c = max(0.0, (y1 - y0) / (hi - lo)) if hi > lo else 0.0
-    return max(0.0, y0 - c * lo), c
-
-
-#: Kinds whose decode cost is the engine's own read per weight (the floor of the kernel curve), all the call
-#: included: a matmul that streams its weights. The rest are ``a + c * hidden`` beyond their priced work.
-STREAMING = ("attn_qkv", "attn_o", "expert", "ffn", "lm_head")
-
-
-def fixed_costs(decode: dict[tuple[str, int, int], list[_Step]], specs: dict[tuple[str, int, int], Any],
-                prices_for: Callable[[Any], Any]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Per task kind, from the decode steps at two widths (medians): ``task_us`` and ``task_hidden_ns`` of its
-    fixed cost per call, ``a + c * hidden``, beyond its priced kernel work; for the :data:`STREAMING` kinds
-    the whole call's seconds per weight on the widest models instead (``decode_ps``, picoseconds per
-    parameter: the engine's own read, which floors the kernel curve); and the work outside tasks per step
-    (``host_step``) and per layer."""
-    from offloadkit.plan.cpu_lane import params_of
-
-    per_call: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    outside: dict[tuple[str, int, int], float] = {}
-    for key, steps in decode.items():
-        spec = specs[key]
-        prices = prices_for(spec)
-        for st in steps:
-            for kind, (calls, extra, _) in _residuals(st, prices, spec).items():
-                # streaming kinds: the whole call (the kernel's priced work added back), by its weight count
-                group = params_of(spec, kind) if kind in STREAMING else spec.hidden_size
-                back = prices.work_s(kind, 1, params_of(spec, kind)) * calls if kind in STREAMING else 0.0
-                per_call[kind][group].append((extra + back) / calls)
-        outside[key] = statistics.median(_outside(st) for st in steps)
-    lines = {kind: _line(points) for kind, points in per_call.items() if kind not in STREAMING}
-    decode_ps = {}
-    for kind in STREAMING:  # the whole call per weight on the widest probe models, no fixed part: a line
-        if kind in per_call:  # through two sizes extrapolated badly (a smaller weight reads faster per byte)
-            params = max(per_call[kind])
-            decode_ps[kind] = statistics.median(per_call[kind][params]) / params * 1e12
-            lines[kind] = (0.0, 0.0)
-    host_step = []
-    for arch, kind in HOST_KIND.items():  # (arch, narrow, 1), (arch, narrow, 2), (arch, wide, 2): see ENGINES
-        h0, h1 = min(h for a, h, _ in outside if a == arch), max(h for a, h, _ in outside if a == arch)
-        layer0 = outside[(arch, h0, 2)] - outside[(arch, h0, 1)]
-        step = outside[(arch, h0, 1)] - layer0
-        lines[kind] = _line({h0: [layer0], h1: [(outside[(arch, h1, 2)] - step) / 2]})
-        host_step.append(step)
-    lines["host_step"] = (max(0.0, statistics.fmean(host_step)), 0.0)
-    return ({k: a * 1e6 for k, (a, _) in lines.items()}, {k: c * 1e9 for k, (_, c) in lines.items()}, decode_ps)
-
-
-def element_costs(fresh: dict[tuple[str, int, int], dict[int, list[_Step]]], specs: dict[tuple[str, int, int], Any],
-                  prices_for: Callable[[Any], Any]) -> dict[str, float]:
-    """Nanoseconds per extra row and hidden unit of every task kind (and of the work outside tasks, per
-    layer): prompt forwards against one-token forwards, beyond the priced kernel work."""
-    per_elem: dict[str, list[float]] = defaultdict(list)
-    for key, by_size in fresh.items():
-        spec = specs[key]
-        prices = prices_for(spec)
-        h = spec.hidden_size
-        for a, b in zip(by_size[1], by_size[max(by_size)], strict=True):
-            ra, rb = _residuals(a, prices, spec), _residuals(b, prices, spec)
-            for kind in (rb.keys() & ra.keys()) - set(STREAMING):  # a matmul's per-row cost is its curve's
-                (ca, ea, ta), (cb, eb, tb) = ra[kind], rb[kind]
-                extra_rows = tb - cb * ta / ca
-                if extra_rows > 0:
-                    per_elem[kind].append((eb - cb * ea / ca) / extra_rows / h)
-            per_elem[HOST_KIND[key[0]]].append((_outside(b) - _outside(a)) / (b.tokens - a.tokens) / h /
-                                               spec.n_layers)
-    return {k: max(0.0, statistics.median(v)) * 1e9 for k, v in per_elem.items()}
-
-
-def decode_floors(bf16_ps: dict[str, float], curves: dict[str, Any], f32_steps: list[tuple[Any, list[_Step]]],
-                  prices_for: Callable[[Any], Any]) -> dict[str, float]:
-    """``{kind_bf16: ps, kind_f32: ps}``: the engine's read per weight at one token, the whole call included:
-    bf16 from :func:`fixed_costs`, f32 from the widest probe models again with f32 weights. A figure the noise
-    spoilt (below half its curve's one-token point) is left out, and its kind priced by its curve."""
-    from offloadkit.plan.cpu_lane import CLASS_OF, curve_key, params_of
-
-    out = {}
-    width = min(int(k.rsplit("_h", 1)[1]) for k in curves)
-    for kind, ps in bf16_ps.items():
-        cb = curves.get(curve_key(CLASS_OF[kind], "bfloat16", width))
-        if cb is not None and ps >= 0.5 * cb.seconds_per_param[0] * 1e12:
-            out[f"{kind}_bf16"] = ps
-    per_weight: dict[str, list[float]] = defaultdict(list)
-    for spec, steps in f32_steps:
-        prices = prices_for(spec)
-        for st in steps:
-            for kind, (calls, extra, _) in _residuals(st, prices, spec).items():
-                if kind in bf16_ps:
-                    params = params_of(spec, kind)
-                    whole = (extra + prices.work_s(kind, 1, params) * calls) / calls
-                    per_weight[kind].append(whole / params * 1e12)
-    for kind, values in per_weight.items():
-        if f"{kind}_bf16" in out:
-            out[f"{kind}_f32"] = max(statistics.median(values), out[f"{kind}_bf16"])
-    return out
-
-
 # ---- the whole lane ------------------------------------------------------------------------------------
 
 def measure_lane(m: dict[str, Any], quick: bool, bar: Any = None) -> None:
@@ -528,8 +321,7 @@ def measure_lane(m: dict[str, Any], quick: bool, bar: Any = None) -> None:
         if cls == "expert" and d == max(s.widths):
             m["curves"][f"cpu_expert_{short}"] = {"tokens": tokens, "seconds": whole, "params": n_params,
                                                   "method": f"{how}, whole calls"}
-            m["cpu"][f"flops_{short}_tflops"] = max(2 * n * n_params / t for n, t in zip(tokens, whole,
-                                                                                            strict=True)) / 1e12
+            m["cpu"][f"flops_{short}_tflops"] = peak_tflops(whole, tokens, n_params)
             m["methods"][f"cpu.flops_{short}_tflops"] = f"best FLOP rate of the cpu_expert_{short} curve ({how})"
     note("", True)
     note("attention core")
@@ -541,41 +333,16 @@ def measure_lane(m: dict[str, Any], quick: bool, bar: Any = None) -> None:
         attention_how += "; the mean of two measurements minutes apart"
     note("CPU engine on tiny and mid-size models")
     read_bps = m["cpu"]["dram_bandwidth_gbps"] * 1e9
-    floors: dict[str, float] = {}
 
-    def prices_for(spec: Any) -> CpuLanePrices:  # the kernel work alone (no fixed costs), floored once measured
+    def prices_for(spec: Any, floors: dict[str, float]) -> CpuLanePrices:  # the kernel work alone, floored
         lane = CpuLaneProfile("kernel work only", tuple(keys), tuple(map(tuple, gflops)), tuple(dims),
                               decode_ps=floors)
         return CpuLanePrices(lane, curves, spec, read_bps)
 
-    specs = {key: probe_spec(*key, s.engine_vocab) for key in ENGINES}
-    widest = max(ENGINES, key=lambda k: (k[1], k[2]))
-    decode, fresh = {}, {}
-    for key in ENGINES:
-        runner = _Runner(specs[key])
-        decode[key] = runner.decode(s.engine_steps)
-        if key[1:] == widest[1:]:
-            fresh[key] = runner.fresh((1, s.engine_prompt), s.engine_reps)
-    task_us, hidden_ns, measured = fixed_costs(decode, specs, prices_for)
-    f32_specs = [probe_spec(a, h, n, s.engine_vocab, "float32") for a, h, n in ENGINES if (h, n) == widest[1:]]
-    f32_steps = [(spec, _Runner(spec).decode(s.engine_steps)) for spec in f32_specs]
-    floors.update(decode_floors(measured, curves, f32_steps, prices_for))
-    element_ns = element_costs(fresh, specs, prices_for)
+    engine = measure_engine(curves, prices_for, s.engine_steps, s.engine_prompt, s.engine_reps, s.engine_vocab)
     note("", True)
-    shapes_text = ", ".join(f"{a} hidden {h} x{n}" for a, h, n in ENGINES)
     m["cpu_lane"] = {
         "name": f"offloadkit CpuEngine on {machine_label()}", "attention_keys": keys, "attention_gflops": gflops,
-        "attention_head_dims": dims,
-        "task_us": task_us, "task_hidden_ns": hidden_ns, "element_ns": element_ns, "decode_ps": dict(floors),
-        "methods": {"attention": attention_how,
-                    "task_us": f"CpuEngine on bf16 probe models ({shapes_text} layers; vocabulary {s.engine_vocab}):"
-                               f" median over {s.engine_steps} decode steps of each task's time beyond its priced "
-                               f"kernel work, a + c * hidden through the two widths (a); host_*: a forward's wall time "
-                               f"minus its tasks, per step and per layer",
-                    "task_hidden_ns": "the same, c (nanoseconds per hidden unit)",
-                    "decode_ps": "the same decode steps on the widest probe models, in bf16 and again with f32 "
-                                 "weights: a whole call of the attention projections, experts, FFNs and lm_head, "
-                                 "in picoseconds per weight",
-                    "element_ns": f"the widest probe models: median over {s.engine_reps} fresh "
-                                  f"{s.engine_prompt}-token forwards against fresh 1-token ones, per extra row and "
-                                  f"hidden unit beyond the priced kernel work"}}
+        "attention_head_dims": dims, "task_us": engine.task_us, "task_hidden_ns": engine.task_hidden_ns,
+        "element_ns": engine.element_ns, "decode_ps": engine.decode_ps,
+        "methods": {"attention": attention_how, **engine.methods}}

@@ -2,8 +2,8 @@
 
 This is the ``cpu-only`` end of the design (docs/DESIGN.md sections 8 and 9): every weight stays in host
 memory in its stored dtype (a memory-mapped checkpoint stays mapped; its pages are mapped into the
-process when a layer is first prepared, :func:`map_pages`, as llama.cpp's ``MAP_POPULATE`` does) and
-every task runs on the ``cpu`` lane, through the kernels of :mod:`offloadkit.kernels.cpu`: the experts,
+process when a layer is first prepared, as llama.cpp's ``MAP_POPULATE`` does) and every task runs on
+the ``cpu`` lane, through the kernels of :mod:`offloadkit.kernels.cpu`: the experts,
 dense FFNs, attention projections, routers and lm_head on the decode kernels (up to a few dozen tokens)
 or the prefill kernels (widened blocks fed to torch's GEMM), the norms, RoPE, the KV-cache write, the
 attention core and the router's softmax top-k on small kernels. Between them the activations stay one
@@ -18,6 +18,10 @@ separate per-task path (prefill, PhiMoE's sparsemixer, mixed dtypes, no cycle co
 measured the fixed cost per token of an 8-layer model at ~4.8 ms before (torch ops, conversions and
 dispatch per layer; llama.cpp: ~0.5 ms) and ~0.36 ms with the one-call step; on ``bench-moe`` a decode
 step takes the time of its kernels alone (engine / kernels-only loop 1.00, measured alternated).
+
+This module is the forward and its timeline; the weights' preparation (kernel-storage views, page
+mapping, per-layer fixed costs) is :mod:`offloadkit.runtime.cpu_weights`, and the one-call decode's
+arguments and task records are :mod:`offloadkit.runtime.cpu_decode_step`.
 
 The math is the reference forward's (:class:`~offloadkit.model.reference.ReferenceModel`, which this
 class *is*, for its weights, cache and generation helpers): the same RoPE, routing rules, expert
@@ -62,11 +66,8 @@ other than the CPU, KV caches in another dtype than f32, and training (no autogr
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numba
 import numpy as np
@@ -75,30 +76,24 @@ from numba.typed import List as NumbaList
 
 from offloadkit.errors import OffloadkitError
 from offloadkit.hardware.machine import machine_label
-from offloadkit.kernels.cpu.decode import _chunks, expert_decode, rows_dot
-from offloadkit.kernels.cpu.decode_layer import (
-    FIXED_STAMPS,
-    CycleClock,
-    cycle_clock,
-    decode_layer,
-    decode_step,
-    read_cycles,
-)
+from offloadkit.kernels.cpu.decode import expert_decode, rows_dot
+from offloadkit.kernels.cpu.decode_layer import CycleClock, cycle_clock, read_cycles
 from offloadkit.kernels.cpu.experts import DECODE_MAX_TOKENS, ExpertWeights, expert_rows, linear
 from offloadkit.kernels.cpu.layer_ops import gather_rows, qkv_rope, rope_store, router_topk, softmax_topk
 from offloadkit.kernels.cpu.norms_attention import (
-    _PARALLEL_ATTENTION_MACS,
     attention_bthd,
     layer_norm,
     rms_norm,
     use_torch_attention,
 )
 from offloadkit.kernels.cpu.prefill import expert_prefill, linear_prefill, linear_prefill_into
-from offloadkit.kernels.cpu.primitives import STORAGE, storage_view
+from offloadkit.kernels.cpu.primitives import STORAGE
 from offloadkit.model.reference import KVCache, ReferenceModel
 from offloadkit.model.reference import causal_attention as torch_attention
 from offloadkit.model.rope import rotary_tables
 from offloadkit.model.spec import ModelSpec
+from offloadkit.runtime.cpu_decode_step import layer_records, run_layer, run_step, step_lists
+from offloadkit.runtime.cpu_weights import HostWeights, LayerWeights, NormWeights, map_pages
 from offloadkit.runtime.timeline import TaskRecord, Timeline
 
 #: ``forward(..., logits=...)``: every position's logits, or only each sequence's last.
@@ -107,75 +102,6 @@ LOGITS_MODES = ("all", "last")
 _STATIC_ROPE = ("default", "linear", "llama3")
 #: The decode kernels' token limit by kernel storage dtype (see offloadkit.kernels.cpu.experts).
 _DECODE_MAX = {STORAGE[name]: n for name, n in DECODE_MAX_TOKENS.items()}
-_EMPTY = np.zeros(0, dtype=np.float32)
-
-
-@dataclass
-class _Norm:
-    weight: np.ndarray
-    bias: np.ndarray | None
-
-
-@dataclass
-class _Layer:
-    """One decoder layer's weights in kernel storage (views, made once) and its tasks' fixed costs."""
-
-    attn_norm: _Norm
-    ffn_norm: _Norm
-    wq: np.ndarray
-    wk: np.ndarray
-    wv: np.ndarray
-    wo: np.ndarray
-    qkv_bias: np.ndarray | None
-    o_bias: np.ndarray | None
-    qkv_bytes: int
-    qkv_params: int
-    o_bytes: int
-    o_params: int
-    router: np.ndarray | None = None
-    experts: list[ExpertWeights] | None = None
-    shared: ExpertWeights | None = None
-    shared_gate: np.ndarray | None = None
-    dense: ExpertWeights | None = None
-    fused: tuple | None = None  # the per-layer arguments of decode_layer, when the layer can take it
-    chunks: dict[tuple[int, int], tuple[int, int, int, int]] | None = None  # (threads, n) -> chunk counts
-
-
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: map the pages of a range now, reading them in if needed
-_PAGE = 4096
-
-
-@functools.cache
-def _madvise() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def map_pages(arrays: Iterable[np.ndarray]) -> None:
-    """Map every page of ``arrays`` into the process now (``madvise(MADV_POPULATE_READ)``, else a read of
-    one byte per page), so that the first forwards do not take page faults on a memory-mapped checkpoint.
-
-    A page of a memory-mapped file is mapped into the process at its first touch: a decode step that
-    meets an expert (or an embedding row) for the first time faulted on its pages, 35-250 µs per token
-    measured here for the embedding alone. llama.cpp maps its whole file with ``MAP_POPULATE`` for the
-    same reason (src/llama-mmap.cpp); the engine does it per layer when it first prepares the layer.
-    """
-    madvise = _madvise()
-    for a in arrays:
-        if a.size == 0:
-            continue
-        if madvise is not None:
-            start = a.ctypes.data // _PAGE * _PAGE
-            if madvise(start, a.ctypes.data + a.nbytes - start, _MADV_POPULATE_READ) == 0:
-                continue
-        flat = a.reshape(-1).view(np.uint8)
-        int(flat[::_PAGE].sum())
 
 
 class CpuEngine(ReferenceModel):
@@ -191,10 +117,7 @@ class CpuEngine(ReferenceModel):
         super().__init__(spec, weights, torch.float32)
         if self.device.type != "cpu":
             raise OffloadkitError(f"the CPU engine runs on host memory; the weights are on {self.device}")
-        self._store: dict[str, np.ndarray] = {}
-        self._experts: dict[str, ExpertWeights] = {}
-        self._norms: dict[str, np.ndarray] = {}
-        self._layers: dict[int, _Layer] = {}
+        self._w = HostWeights(spec, self.weights, self._names)
         self._kv: dict[int, tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]] = {}
         self._rope_table: tuple[np.ndarray, np.ndarray] | None = None
         self._lm_head_bytes: int | None = None
@@ -213,104 +136,14 @@ class CpuEngine(ReferenceModel):
         self._t0 = 0.0
         self._start_clock()
 
-    # ---- weights in kernel storage (views, made once) ------------------------------------------------
+    # ---- weights (kernel storage, made once per layer: offloadkit.runtime.cpu_weights) -----------------
 
-    def _stored(self, name: str) -> np.ndarray:
-        if name not in self._store:
-            self._store[name] = storage_view(self.weights[name], name)[0]
-        return self._store[name]
+    @property
+    def _layers(self) -> dict[int, LayerWeights]:
+        return self._w.layers
 
-    def _expert_weights(self, prefix: str, names: tuple[str, str, str]) -> ExpertWeights:
-        if prefix not in self._experts:
-            self._experts[prefix] = ExpertWeights.from_torch(*(self.weights[f"{prefix}.{n}.weight"] for n in names))
-        return self._experts[prefix]
-
-    def _f32(self, name: str) -> np.ndarray:
-        if name not in self._norms:
-            self._norms[name] = self.weights[name].float().contiguous().numpy()
-        return self._norms[name]
-
-    def _f32_opt(self, name: str) -> np.ndarray | None:
-        return self._f32(name) if name in self._names else None
-
-    def _norm_weights(self, prefix: str) -> _Norm:
-        return _Norm(self._f32(f"{prefix}.weight"), self._f32(f"{prefix}.bias") if self.spec.norm_kind == "layer"
-                     else None)
-
-    def _nbytes(self, *names: str) -> int:
-        return sum(self.weights[n].numel() * self.weights[n].element_size() for n in names if n in self._names)
-
-    def _numel(self, *names: str) -> int:
-        return sum(self.weights[n].numel() for n in names if n in self._names)
-
-    def _layer(self, layer: int) -> _Layer:
-        if layer in self._layers:
-            return self._layers[layer]
-        s, p = self.spec, f"model.layers.{layer}"
-        a = f"{p}.self_attn"
-        biases = [self._f32_opt(f"{a}.{x}_proj.bias") for x in "qkv"]
-        if any(b is not None for b in biases):
-            sizes = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim)
-            qkv_bias = np.concatenate([b if b is not None else np.zeros(n, np.float32)
-                                       for b, n in zip(biases, sizes, strict=True)])
-        else:
-            qkv_bias = None
-        qkv_names = [f"{a}.{x}_proj.{k}" for x in "qkv" for k in ("weight", "bias")]
-        o_names = [f"{a}.o_proj.{k}" for k in ("weight", "bias")]
-        wq, wk, wv, wo = (self._stored(f"{a}.{x}_proj.weight") for x in "qkvo")
-        lw = _Layer(self._norm_weights(f"{p}.input_layernorm"), self._norm_weights(f"{p}.post_attention_layernorm"),
-                    wq, wk, wv, wo, qkv_bias, self._f32_opt(f"{a}.o_proj.bias"), self._nbytes(*qkv_names),
-                    self._numel(*qkv_names), self._nbytes(*o_names), self._numel(*o_names))
-        if s.is_moe_layer(layer):
-            m = s.moe_prefix(layer)
-            lw.router = self._stored(f"{m}.gate.weight")
-            lw.experts = [self._expert_weights(f"{m}.experts.{e}", s.expert_names()) for e in range(s.n_experts)]
-            if s.shared_expert_intermediate_size:
-                lw.shared = self._expert_weights(f"{m}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
-                lw.shared_gate = self._stored(f"{m}.shared_expert_gate.weight")
-        else:
-            lw.dense = self._expert_weights(f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"))
-        lw.fused = self._fused_args(lw)
-        lw.chunks = {}
-        ffns = (lw.experts or []) + [f for f in (lw.dense, lw.shared) if f is not None]
-        map_pages([lw.wq, lw.wk, lw.wv, lw.wo, *(m for f in ffns for m in (f.w_gate, f.w_up, f.w_down))])
-        self._layers[layer] = lw
-        return lw
-
-    def _fused_args(self, lw: _Layer) -> tuple | None:
-        """The arguments of :func:`decode_layer` that do not change between steps, or None where the layer
-        needs the separate path (sparsemixer routing, weights in mixed dtypes, no cycle counter)."""
-        s = self.spec
-        ffns = lw.experts if lw.dense is None else [lw.dense]
-        mats = [lw.wq, lw.wk, lw.wv, lw.wo] + [m for ew in ffns for m in (ew.w_gate, ew.w_up, ew.w_down)]
-        if lw.dense is None:
-            mats.append(lw.router)
-        if lw.shared is not None:
-            mats += [lw.shared.w_gate, lw.shared.w_up, lw.shared.w_down, lw.shared_gate]
-        if self._clock is None or s.router == "sparsemixer" or len({m.dtype for m in mats}) != 1:
-            return None
-        dtype, hidden = lw.wq.dtype, s.hidden_size
-        empty = np.zeros((0, hidden), dtype=dtype)
-        norm_b = (lw.attn_norm.bias, lw.ffn_norm.bias) if lw.attn_norm.bias is not None else (_EMPTY, _EMPTY)
-        shared = ((lw.shared.w_gate, lw.shared.w_up, lw.shared.w_down, lw.shared_gate) if lw.shared is not None
-                  else (empty, empty, empty, empty))
-        lists = [NumbaList([getattr(ew, a) for ew in ffns]) for a in ("w_gate", "w_up", "w_down")]
-        return (norm_b, lw.qkv_bias if lw.qkv_bias is not None else _EMPTY,
-                lw.o_bias if lw.o_bias is not None else _EMPTY, lw.router if lw.dense is None else empty,
-                *lists, *shared)
-
-    def _fused_chunks(self, lw: _Layer, n: int) -> tuple[int, int, int, int]:
-        """Parallel chunks (0: serial) of the QKV, O, gate/up and down passes for ``n`` tokens."""
-        key = (self._threads, n)
-        if key not in lw.chunks:
-            ffn = lw.dense if lw.dense is not None else lw.experts[0]
-            rows = lw.wq.shape[0] + lw.wk.shape[0] + lw.wv.shape[0]
-            size = lw.wq.itemsize
-            lw.chunks[key] = (_chunks(rows * lw.wq.shape[1] * size, rows, n, self._threads),
-                              _chunks(lw.wo.size * size, lw.wo.shape[0], n, self._threads),
-                              _chunks(2 * ffn.w_gate.size * size, ffn.intermediate, n, self._threads),
-                              _chunks(ffn.w_down.size * size, ffn.hidden, n, self._threads))
-        return lw.chunks[key]
+    def _layer(self, layer: int) -> LayerWeights:
+        return self._w.layer(layer, fusable=self._clock is not None)
 
     # ---- the timeline --------------------------------------------------------------------------------
 
@@ -336,29 +169,11 @@ class CpuEngine(ReferenceModel):
             self._pending.clear()
         return self._timeline
 
-    def _fused_records(self, layer: int, step: int, b: int, t: int, start: int, c0: int, stamps: np.ndarray,
-                       used: np.ndarray, counts: np.ndarray, n_used: int) -> list[TaskRecord]:
-        """The task records of one :func:`decode_layer` call, from its cycle stamps."""
-        s, lw, n, d = self.spec, self._layers[layer], b * t, self.spec.hidden_size
-        hz = self._clock.hz
-        at = [(int(c) - c0) / hz for c in np.maximum.accumulate(stamps)]  # monotonic even if the thread migrated
-        keys = start + t
-        tasks = [("attn_norm", "attn_norm", 4 * d, 0), ("attn_qkv", "attn_qkv", lw.qkv_bytes, 2 * n * lw.qkv_params),
-                 ("attention", "attention", b * 2 * keys * s.n_kv_heads * s.head_dim * 4,
-                  b * 4 * t * keys * s.n_heads * s.head_dim),
-                 ("attn_o", "attn_o", lw.o_bytes, 2 * n * lw.o_params), ("ffn_norm", "ffn_norm", 4 * d, 0)]
-        if lw.dense is not None:
-            tasks.append(("ffn", "ffn", lw.dense.nbytes, 6 * n * d * lw.dense.intermediate))
-        else:
-            tasks.append(("router", "router", lw.router.nbytes, 2 * n * d * s.n_experts))
-            for e, m in zip(used[:n_used], counts[:n_used], strict=True):
-                ew = lw.experts[int(e)]
-                tasks.append((f"expert {int(e)}", "expert", ew.nbytes, 6 * int(m) * ew.hidden * ew.intermediate))
-            if lw.shared is not None:
-                tasks.append(("shared_expert", "shared_expert", lw.shared.nbytes + lw.shared_gate.nbytes,
-                              6 * n * lw.shared.hidden * lw.shared.intermediate))
-        return [TaskRecord("cpu", name, at[i], at[i + 1], layer, kind, bytes_, flops, step)
-                for i, (name, kind, bytes_, flops) in enumerate(tasks)]
+    def _fused_records(self, layer: int, *args: object) -> list[TaskRecord]:
+        """The task records of one one-call layer (:func:`~offloadkit.runtime.cpu_decode_step.layer_records`)."""
+        step, b, t, start, c0, stamps, used, counts, n_used = args
+        return layer_records(self.spec, self._layers[layer], layer, step, b, t, start, c0, self._clock.hz, stamps,
+                             used, counts, n_used)
 
     @timeline.setter
     def timeline(self, value: Timeline) -> None:
@@ -384,7 +199,7 @@ class CpuEngine(ReferenceModel):
     # ---- the parts as the reference names them (torch in, torch out), on the kernels ---------------------
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        w = self._stored(f"{prefix}.weight")
+        w = self._w.stored(f"{prefix}.weight")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch.from_numpy(linear(flat.numpy(), w)).view(*x.shape[:-1], w.shape[0])
         bias = self.bias(f"{prefix}.bias")
@@ -392,15 +207,15 @@ class CpuEngine(ReferenceModel):
 
     def norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous().numpy()
-        return torch.from_numpy(self._norm(flat, self._norm_weights(prefix))).view(x.shape)
+        return torch.from_numpy(self._norm(flat, self._w.norm_weights(prefix))).view(x.shape)
 
     def expert(self, layer: int, e: int, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        ew = self._expert_weights(f"{self.spec.moe_prefix(layer)}.experts.{e}", self.spec.expert_names())
+        ew = self._w.expert_weights(f"{self.spec.moe_prefix(layer)}.experts.{e}", self.spec.expert_names())
         return torch.from_numpy(expert_rows(x.contiguous(), ew, rows))
 
     def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        ew = self._expert_weights(f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
+        ew = self._w.expert_weights(f"model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"))
         return torch.from_numpy(expert_rows(flat, ew)).view(x.shape)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +224,7 @@ class CpuEngine(ReferenceModel):
 
     # ---- the numpy path the forward runs ---------------------------------------------------------------
 
-    def _norm(self, x: np.ndarray, n: _Norm) -> np.ndarray:
+    def _norm(self, x: np.ndarray, n: NormWeights) -> np.ndarray:
         if n.bias is not None:
             return layer_norm(x, n.weight, n.bias, self.spec.norm_eps, self._threads)
         return rms_norm(x, n.weight, self.spec.norm_eps, self._threads)
@@ -431,7 +246,7 @@ class CpuEngine(ReferenceModel):
         else:
             expert_prefill(x, ew.w_gate, ew.w_up, ew.w_down, 0, ew.intermediate, out, scale=scale)
 
-    def _qkv(self, x: np.ndarray, lw: _Layer) -> np.ndarray:
+    def _qkv(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:
         """[n, (H + 2 KV) D]: the three projections, each on the kernel its token count and dtype call for."""
         wq, wk, wv = lw.wq, lw.wk, lw.wv
         out = np.empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=np.float32)
@@ -444,7 +259,7 @@ class CpuEngine(ReferenceModel):
             c0 += w.shape[0]
         return out
 
-    def _route(self, lw: _Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _route(self, lw: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(weights [N, k] f32, experts [N, k] int64) of the router on ``x`` [N, H]."""
         from offloadkit.model.moe import route_sparsemixer
 
@@ -497,7 +312,7 @@ class CpuEngine(ReferenceModel):
                 cache.v[layer] = torch.cat((cache.v[layer], pad), dim=2)
         self._reserved = (cache.k[0] if cache.k else None, min((k.shape[2] for k in cache.k), default=0))
 
-    def _attention(self, layer: int, lw: _Layer, x: np.ndarray, h: np.ndarray, b: int, t: int, start: int,
+    def _attention(self, layer: int, lw: LayerWeights, x: np.ndarray, h: np.ndarray, b: int, t: int, start: int,
                    cache: KVCache | None, cos: np.ndarray, sin: np.ndarray) -> None:
         s, n = self.spec, b * t
         t0 = self._now()
@@ -531,7 +346,7 @@ class CpuEngine(ReferenceModel):
             h += lw.o_bias
         self._rec("attn_o", "attn_o", layer, t2, self._now(), lw.o_bytes, 2 * n * lw.o_params)
 
-    def _moe(self, layer: int, lw: _Layer, x: np.ndarray, h: np.ndarray, routing: dict | None) -> None:
+    def _moe(self, layer: int, lw: LayerWeights, x: np.ndarray, h: np.ndarray, routing: dict | None) -> None:
         s, n = self.spec, x.shape[0]
         t0 = self._now()
         weights, experts = self._route(lw, x)
@@ -594,83 +409,55 @@ class CpuEngine(ReferenceModel):
         self._rec("ffn", "ffn", layer, t1, self._now(), lw.dense.nbytes,
                   6 * x.shape[0] * d * lw.dense.intermediate)
 
-    def _fused_layer(self, layer: int, lw: _Layer, h: np.ndarray, b: int, t: int, start: int,
+    def _kv_or_scratch(self, cache: KVCache | None, layer: int, b: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cache's K and V arrays of ``layer``, or scratch ones for a forward without a cache."""
+        if cache is not None:
+            return self._kv_arrays(cache, layer)
+        k_all = np.empty((b, self.spec.n_kv_heads, t, self.spec.head_dim), dtype=np.float32)
+        return k_all, np.empty_like(k_all)
+
+    def _fused_layer(self, layer: int, lw: LayerWeights, h: np.ndarray, b: int, t: int, start: int,
                      cache: KVCache | None, routing: dict | None, cos: np.ndarray, sin: np.ndarray) -> None:
         """The layer as one :func:`decode_layer` call; its tasks' records come from the call's stamps."""
-        s, n = self.spec, h.shape[0]
-        if cache is not None:
-            k_all, v_all = self._kv_arrays(cache, layer)
-        else:
-            k_all = np.empty((b, s.n_kv_heads, t, s.head_dim), dtype=np.float32)
-            v_all = np.empty_like(k_all)
-        norm_b, qkv_bias, o_bias, router, w1s, w3s, w2s, sh1, sh3, sh2, shg = lw.fused
-        n_qkv, n_o, n_up, n_down = self._fused_chunks(lw, n)
-        par_attn = self._threads > 1 and n * s.n_heads * s.head_dim * (start + t) >= _PARALLEL_ATTENTION_MACS
-        k = max(s.top_k, 1)
-        experts = np.empty((n, k), dtype=np.int64)
-        stamps = np.zeros(FIXED_STAMPS + s.n_experts + 1, dtype=np.int64)
-        used = np.empty(max(s.n_experts, 1), dtype=np.int64)
-        counts = np.empty_like(used)
-        n_used = decode_layer(h, lw.attn_norm.weight, norm_b[0], lw.ffn_norm.weight, norm_b[1], self._eps,
-                              lw.attn_norm.bias is not None, lw.wq, lw.wk, lw.wv, qkv_bias, n_qkv, cos, sin, b, start,
-                              k_all, v_all, s.sliding_window or 0, par_attn, lw.wo, o_bias, n_o, s.n_heads,
-                              s.head_dim, lw.dense is None, router, k, s.norm_topk_prob, w1s, w3s, w2s, n_up, n_down,
-                              sh1, sh3, sh2, shg, experts, stamps, used, counts)
+        k_all, v_all = self._kv_or_scratch(cache, layer, b, t)
+        experts, stamps, used, counts, n_used = run_layer(self.spec, lw, self._eps, h, b, t, start, k_all, v_all,
+                                                          cos, sin, self._threads)
         if routing is not None and lw.dense is None:
             routing[layer] = torch.from_numpy(experts)
         self._pending.append((None, layer, self._step, b, t, start, self._c0, stamps, used, counts, n_used))
 
     def _whole_step_lists(self) -> tuple | None:
-        """:func:`decode_step`'s per-layer weight lists (made once), or None where a layer needs the separate
-        path or the layers' arrays do not share types (e.g. weights in different dtypes per layer)."""
+        """:func:`decode_step`'s per-layer weight lists (made once), or None where the step cannot be one call."""
         if self._step_lists is None:
-            layers = [self._layer(layer) for layer in range(self.spec.n_layers)]
-            self._step_lists = False
-            # every layer fused (one dtype within each), and one dtype across layers: typed lists hold one type
-            if all(lw.fused is not None for lw in layers) and len({lw.wq.dtype for lw in layers}) == 1:
-                f = [lw.fused for lw in layers]
-                self._step_lists = (
-                    NumbaList([lw.attn_norm.weight for lw in layers]), NumbaList([x[0][0] for x in f]),
-                    NumbaList([lw.ffn_norm.weight for lw in layers]), NumbaList([x[0][1] for x in f]),
-                    *(NumbaList([getattr(lw, w) for lw in layers]) for w in ("wq", "wk", "wv", "wo")),
-                    *(NumbaList([x[i] for x in f]) for i in range(1, 11)),
-                    np.array([lw.dense is None for lw in layers]))
+            self._step_lists = step_lists([self._layer(layer) for layer in range(self.spec.n_layers)])
         return self._step_lists or None
+
+    def _kv_lists_of(self, cache: KVCache | None, b: int, t: int) -> tuple[NumbaList, NumbaList]:
+        """Every layer's K and V arrays as typed lists (kept while the cache's buffers stay the same)."""
+        n_layers = self.spec.n_layers
+        if cache is None:
+            arrays = [self._kv_or_scratch(None, layer, b, t) for layer in range(n_layers)]
+            return NumbaList([a[0] for a in arrays]), NumbaList([a[1] for a in arrays])
+        held = self._kv_lists
+        if held is None or any(a is not b_ for a, b_ in zip(held[0], cache.k, strict=True)) or \
+                any(a is not b_ for a, b_ in zip(held[1], cache.v, strict=True)):
+            arrays = [self._kv_arrays(cache, layer) for layer in range(n_layers)]
+            held = (list(cache.k), list(cache.v), NumbaList([a[0] for a in arrays]), NumbaList([a[1] for a in arrays]))
+            self._kv_lists = held
+        return held[2], held[3]
 
     def _fused_step(self, lists: tuple, h: np.ndarray, b: int, t: int, start: int, cache: KVCache | None,
                     routing: dict | None, cos: np.ndarray, sin: np.ndarray) -> None:
         """Every layer in one :func:`decode_step` call; the records come from its stamps, layer by layer."""
-        s, n, n_layers = self.spec, h.shape[0], self.spec.n_layers
-        (n1w, n1b, n2w, n2b, wq, wk, wv, wo, qkv_bias, o_bias, router, w1s, w3s, w2s, sh1, sh3, sh2, shg, moe) = lists
-        if cache is not None:
-            held = self._kv_lists
-            if held is None or any(a is not b_ for a, b_ in zip(held[0], cache.k, strict=True)) or \
-                    any(a is not b_ for a, b_ in zip(held[1], cache.v, strict=True)):
-                arrays = [self._kv_arrays(cache, layer) for layer in range(n_layers)]
-                held = (list(cache.k), list(cache.v), NumbaList([a[0] for a in arrays]),
-                        NumbaList([a[1] for a in arrays]))
-                self._kv_lists = held
-            k_list, v_list = held[2], held[3]
-        else:
-            shape = (b, s.n_kv_heads, t, s.head_dim)
-            k_list = NumbaList([np.empty(shape, dtype=np.float32) for _ in range(n_layers)])
-            v_list = NumbaList([np.empty(shape, dtype=np.float32) for _ in range(n_layers)])
+        n, n_layers = h.shape[0], self.spec.n_layers
+        k_list, v_list = self._kv_lists_of(cache, b, t)
         key = (self._threads, n)
         if key not in self._step_chunks:
-            self._step_chunks[key] = np.array([self._fused_chunks(self._layers[layer], n) for layer in range(n_layers)],
-                                              dtype=np.int64)
-        par_attn = self._threads > 1 and n * s.n_heads * s.head_dim * (start + t) >= _PARALLEL_ATTENTION_MACS
-        k = max(s.top_k, 1)
-        width = FIXED_STAMPS + s.n_experts + 1
-        experts = np.empty((n_layers, n, k), dtype=np.int64)
-        stamps = np.zeros((n_layers, width), dtype=np.int64)
-        used = np.empty((n_layers, max(s.n_experts, 1)), dtype=np.int64)
-        counts = np.empty_like(used)
-        n_used = np.zeros(n_layers, dtype=np.int64)
-        decode_step(h, n1w, n1b, n2w, n2b, self._eps, s.norm_kind == "layer", wq, wk, wv, qkv_bias, cos, sin, b, start,
-                    k_list, v_list, s.sliding_window or 0, par_attn, wo, o_bias, s.n_heads, s.head_dim, moe, router, k,
-                    s.norm_topk_prob, w1s, w3s, w2s, sh1, sh3, sh2, shg, self._step_chunks[key], experts, stamps, used,
-                    counts, n_used)
+            self._step_chunks[key] = np.array([HostWeights.fused_chunks(self._layers[layer], n, self._threads)
+                                               for layer in range(n_layers)], dtype=np.int64)
+        experts, stamps, used, counts, n_used = run_step(self.spec, lists, self._step_chunks[key], self._eps, h, b, t,
+                                                         start, k_list, v_list, cos, sin, self._threads)
+        moe = lists[-1]
         for layer in range(n_layers):
             if routing is not None and moe[layer]:
                 routing[layer] = torch.from_numpy(experts[layer])
@@ -678,10 +465,10 @@ class CpuEngine(ReferenceModel):
                                   counts[layer], int(n_used[layer])))
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        table = self._store.get("model.embed_tokens.weight")
-        if table is None:
-            table = self._stored("model.embed_tokens.weight")
-            map_pages([table])
+        name = "model.embed_tokens.weight"
+        if not self._w.is_stored(name):
+            map_pages([self._w.stored(name)])
+        table = self._w.stored(name)
         if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
             raise OffloadkitError(f"token ids must be in [0, {table.shape[0]}), got {ids.min()}..{ids.max()}")
         return gather_rows(table, ids)
@@ -724,16 +511,16 @@ class CpuEngine(ReferenceModel):
         if logits == "last" and t > 1:
             h = np.ascontiguousarray(h.reshape(b, t, s.hidden_size)[:, -1])
         rows = h.shape[0]
-        x = self._norm(h, self._norm_weights("model.norm"))
+        x = self._norm(h, self._w.norm_weights("model.norm"))
         t1 = self._now()
         self._rec("final_norm", "final_norm", None, t0, t1, 4 * s.hidden_size)
         head = "model.embed_tokens" if s.tie_word_embeddings else "lm_head"
-        y = self._lin(x, self._stored(f"{head}.weight"))
-        bias = self._f32_opt("lm_head.bias")
+        y = self._lin(x, self._w.stored(f"{head}.weight"))
+        bias = self._w.f32_opt("lm_head.bias")
         if bias is not None:
             y += bias
         if self._lm_head_bytes is None:
-            self._lm_head_bytes = self._nbytes(f"{head}.weight", "lm_head.bias")
+            self._lm_head_bytes = self._w.nbytes(f"{head}.weight", "lm_head.bias")
         self._rec("lm_head", "lm_head", None, t1, self._now(), self._lm_head_bytes,
                   2 * rows * s.hidden_size * s.vocab_size)
         return torch.from_numpy(y).view(b, rows // b, s.vocab_size)

@@ -36,6 +36,7 @@ from plotly.subplots import make_subplots
 from offloadkit.bench.results import SHORT_DTYPES, BenchRun
 from offloadkit.errors import OffloadkitError
 from offloadkit.paths import data_dir
+from offloadkit.viz.controls import ControlPanel
 
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llamacpp", "fiddler", "ktransformers")
@@ -306,7 +307,7 @@ def _no_measured(run: BenchRun | None, phase: str) -> str:
 
 # ---- the widget -------------------------------------------------------------------------------------
 
-class SpeedupExplorer:
+class SpeedupExplorer(ControlPanel):
     """The speedup panel of chapter 09; see the module docstring.
 
     ``paper`` is the simulated experiment (default: the repository's ``data/results`` file); ``run``
@@ -333,30 +334,8 @@ class SpeedupExplorer:
         self.fig = go.FigureWidget(figure_skeleton(run.machine if run else None))
         self.status = widgets.HTML()
         self.last_redraw_s: float | None = None
-        self._hold = False
-        for c in self.controls.values():
-            c.observe(self._on_change, names="value")
+        self._watch_controls()
         self._update()
-
-    def values(self) -> dict[str, Any]:
-        return {k: c.value for k, c in self.controls.items()}
-
-    def set(self, **values: Any) -> None:
-        """Change several controls, then redraw once: ``explorer.set(model="llama-2-70b", phase="decode")``."""
-        unknown = set(values) - set(self.controls)
-        if unknown:
-            raise KeyError(f"no control {', '.join(sorted(unknown))}: the controls are {', '.join(self.controls)}")
-        self._hold = True
-        try:
-            for k, v in values.items():
-                self.controls[k].value = v
-        finally:
-            self._hold = False
-        self._update()
-
-    def _on_change(self, change: dict) -> None:
-        if not self._hold:
-            self._update()
 
     def _update(self) -> None:
         t0 = time.perf_counter()

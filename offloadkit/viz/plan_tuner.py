@@ -37,6 +37,7 @@ from offloadkit.hardware.whatif import PCIE_LANE_GBPS, link_shape, what_if
 from offloadkit.model.spec import ModelSpec
 from offloadkit.plan.plans import Plan, Workload, gpu_bytes_breakdown, plan_blocks, units
 from offloadkit.runtime.compare import Comparison, compare_policies
+from offloadkit.viz.controls import ControlPanel
 
 TUNED_POLICIES = ("scheinfer", "llamacpp", "fiddler", "ktransformers")
 BASELINES = TUNED_POLICIES[1:]
@@ -200,7 +201,7 @@ def draw_plan(fig: go.Figure, c: Comparison, spec: ModelSpec, profile: HardwareP
 # ---- the widget --------------------------------------------------------------------------------------
 
 
-class PlanTuner:
+class PlanTuner(ControlPanel):
     """The what-if panel of chapter 06; see the module docstring.
 
     ``spec`` and ``profile`` are the model and the catalog machine the what-ifs start from (names or
@@ -249,9 +250,7 @@ class PlanTuner:
         self.profile: HardwareProfile = self.base
         self.last_redraw_s: float | None = None
         self.last_compute_s: float | None = None
-        self._hold = False
-        for control in self.controls.values():
-            control.observe(self._on_change, names="value")
+        self._watch_controls()
         self._update()
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -270,27 +269,7 @@ class PlanTuner:
         s = round(float(self.values()["zipf"]), 3)
         return "uniform" if s == 0 else f"zipf:{s:g}"
 
-    def values(self) -> dict[str, Any]:
-        return {k: c.value for k, c in self.controls.items()}
-
-    def set(self, **values: Any) -> None:
-        """Change several controls, then redraw once: ``tuner.set(gpu_gib=16, pcie_gen=3)``."""
-        unknown = set(values) - set(self.controls)
-        if unknown:
-            raise KeyError(f"no control {', '.join(sorted(unknown))}: the controls are {', '.join(self.controls)}")
-        self._hold = True
-        try:
-            for k, v in values.items():
-                self.controls[k].value = v
-        finally:
-            self._hold = False
-        self._update()
-
     # ---- callbacks -----------------------------------------------------------------------------------
-
-    def _on_change(self, change: dict) -> None:
-        if not self._hold:
-            self._update()
 
     def _update(self) -> None:
         """Re-plan and re-simulate every policy on the controls' case, then redraw the figures in place."""
