@@ -195,3 +195,26 @@ def test_row_statistics():
     row = BenchRow("offloadkit", "m", 1, 1, "CPU", 2, "bfloat16", "cpu-only", 512, 0, [10.0, 12.0, 14.0])
     assert row.test == "pp512" and row.avg_ts == pytest.approx(12.0) and row.stddev_ts == pytest.approx(2.0)
     assert Ratio("m", "bfloat16", 2, "pp512", [1.0, 1.2]).mean == pytest.approx(1.1)
+
+
+def test_measured_profile_follows_the_thread_count(tiny, monkeypatch):
+    """With ``profile="measure"`` each thread count's rows are simulated on a profile measured on that many
+    threads (one per count, measured once), not on the first one for all."""
+    import types
+
+    import numba
+
+    import offloadkit.bench.protocol as protocol
+    import offloadkit.hardware.probe as probe
+
+    measured_on: list[int] = []
+    monkeypatch.setattr(probe, "measure", lambda **kw: measured_on.append(numba.get_num_threads()) or
+                        {"threads": numba.get_num_threads()})
+    monkeypatch.setattr(probe, "build_profile", lambda m, name=None: types.SimpleNamespace(name=name, **m))
+    monkeypatch.setattr(protocol, "_predict", lambda spec, prof, p, n, engine: (float(prof.threads), prof.name))
+    threads = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+    settings = BenchSettings(models=[str(tiny)], dtypes=["f32"], threads=threads, n_prompt=[4], n_gen=[2],
+                             repetitions=1, engines=("offloadkit",), profile="measure", timelines=False)
+    run = run_bench(settings, progress=False)
+    assert measured_on == threads
+    assert all(r.sim_ts == r.threads and r.sim_label.endswith(f"-t{r.threads}") for r in run.rows)

@@ -210,7 +210,10 @@ def _read_gbps() -> float:
     return float(measure_read().gbps)
 
 
-def _resolve_profile(profile: Any, progress: bool) -> Any:
+def _resolve_profile(profile: Any, threads: int, progress: bool) -> Any:
+    """The profile the simulated column uses at ``threads`` threads (called inside :func:`threads_set`):
+    a given profile as it is, or with ``"measure"`` this machine measured now on those threads (a profile
+    holds one thread count's speeds: a 2-thread profile would price a 1-thread run twice too fast)."""
     if profile is None or profile == "none":
         return None
     from offloadkit.hardware.profile import HardwareProfile
@@ -218,12 +221,12 @@ def _resolve_profile(profile: Any, progress: bool) -> Any:
     if isinstance(profile, HardwareProfile):
         return profile
     if profile == "measure":
-        from offloadkit.hardware.probe import build_profile, measure
+        from offloadkit.hardware.probe import build_profile, default_name, measure
 
         if progress:
-            print("measuring this machine's profile for the simulated column (offloadkit profile --quick) ...",
-                  flush=True)
-        return build_profile(measure(quick=True, progress=progress))
+            print(f"measuring this machine's profile on {threads} threads for the simulated column "
+                  f"(offloadkit profile --quick) ...", flush=True)
+        return build_profile(measure(quick=True, progress=progress), name=f"{default_name()}-t{threads}")
     from offloadkit.hardware.catalog import load_profile
 
     return load_profile(profile)
@@ -282,14 +285,14 @@ def run_bench(settings: BenchSettings, *, progress: bool = True,
         say(f"llama.cpp skipped: {why_not}")
     if not engines:
         raise BenchError(f"no engine left to measure ({'; '.join(skipped)})")
-    profile = _resolve_profile(settings.profile, progress)
+    profiles: dict[int, Any] = {}  # threads -> the profile of the simulated column
     run = BenchRun(machine=machine_label(threads=max(settings.threads)).rsplit(",", 1)[0],
                    meta={"protocol": "llama-bench (pp: one prompt forward on an empty cache, last logits; "
                                      "tg: one-token forwards from an empty context; one warm-up; engines "
                                      "alternated per repetition)",
                          "repetitions": settings.repetitions, "engines": engines,
                          "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                         "profile": getattr(profile, "name", None), SKIPPED: skipped})
+                         "profile": None, SKIPPED: skipped})
     total = len(settings.models) * len(settings.dtypes) * len(settings.threads) * len(settings.tests()) \
         * settings.repetitions
     bar = tqdm(total=total, desc="offloadkit bench", unit="round", disable=not progress)
@@ -303,12 +306,17 @@ def run_bench(settings: BenchSettings, *, progress: bool = True,
                 m.gguf = gguf_for(m.folder, dtype, progress=progress)
             for threads in settings.threads:
                 with threads_set(threads):
+                    if threads not in profiles:
+                        profiles[threads] = _resolve_profile(settings.profile, threads, progress)
+                    profile = profiles[threads]
                     for n_prompt, n_gen in settings.tests():
                         _measure_test(run, m, ok, engines, threads, n_prompt, n_gen, settings, profile, bar)
                     if ok is not None and settings.timelines and not run.timelines:
                         run.timelines = ok.step_timelines(max(settings.n_prompt) or 16)
             m.engine = None  # let the engine and its mapped weights go before the next model
     bar.close()
+    names = sorted({p.name for p in profiles.values() if p is not None})
+    run.meta["profile"] = ", ".join(names) or None
     run.meta["llamacpp_build"] = _llamacpp_build() if "llama.cpp" in engines else None
     return run
 
