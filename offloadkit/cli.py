@@ -19,6 +19,7 @@ from typing import Any
 from offloadkit import __version__
 from offloadkit.errors import OffloadkitError
 from offloadkit.output_paths import check_output_folder
+from offloadkit.runtime.hybrid_commands import add_hybrid_arguments
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -107,11 +108,17 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from offloadkit.runtime.hybrid_commands import run_hybrid, wants_hybrid
+
+    if wants_hybrid(args):
+        return run_hybrid(args)
     from offloadkit.model.generate import SamplingConfig, stream_text
     from offloadkit.runtime.engines import load_engine
 
+    if args.prompt is None:
+        raise OffloadkitError("give --prompt TEXT: the text to continue")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model, tok = load_engine(args.engine, args.model)
+    model, tok = load_engine(args.engine or ("cpu" if args.device == "cpu" else "reference"), args.model)
     stream_text(model, tok, args.prompt, args.max_new_tokens, sampling)
     return 0
 
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a local checkpoint")
     p.add_argument("--model", required=True,
                    help="'demo' or a folder with config.json, safetensors and tokenizer.json")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", help="the text to continue (required, except with --bench)")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="new tokens at most; generation also stops at an end-of-text token and at the "
                         "model's context (max_position_embeddings, the prompt included)")
@@ -164,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample from the smallest set of tokens whose probability reaches this (with --temperature)")
     p.add_argument("--seed", type=int, help="seed of the sampler (default: unseeded; greedy needs none)")
-    p.add_argument("--engine", choices=["reference", "cpu"], default="reference",
-                   help="reference: plain PyTorch; cpu: offloadkit's CPU kernels")
+    p.add_argument("--engine", choices=["reference", "cpu", "hybrid"],
+                   help="reference: plain PyTorch; cpu: offloadkit's CPU kernels; hybrid: the hybrid engine "
+                        "(needs --device loopback|cuda) (default: reference, or what --device says)")
+    add_hybrid_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job: the demo model's anatomy and text")

@@ -63,3 +63,15 @@ class ThreadingLayerError(OffloadkitError):
 
 class BenchError(OffloadkitError):
     """A benchmark cannot run: llama.cpp is not built, llama-bench failed, a model cannot be exported."""
+
+
+class DeviceError(OffloadkitError):
+    """A device (CUDA or the loopback stand-in) failed: a kernel or copy raised, or the device was closed."""
+
+
+class DeviceTimeout(DeviceError):
+    """A wait on a device exceeded its bound (a stalled copy or kernel), instead of hanging."""
+
+
+class ExecutorError(OffloadkitError):
+    """A task of the hybrid executor failed; the message names the task and its lane."""

@@ -97,6 +97,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     return torch.softmax(scores, dim=-1) @ v
 
 
+def apply_norm(spec: ModelSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The model's norm (RMSNorm, or PhiMoE's LayerNorm with ``bias``) over the last dimension, in ``x.dtype``."""
+    if spec.norm_kind == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), spec.norm_eps)
+    return rms_norm(x, weight, spec.norm_eps)
+
+
+def route_logits(spec: ModelSpec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's routing rule on router ``logits`` [N, E] -> (weights f32 [N, k], experts [N, k])."""
+    if spec.router == "sparsemixer":
+        return route_sparsemixer(logits, spec.router_jitter_eps)
+    return route_softmax_topk(logits, spec.top_k, spec.norm_topk_prob)
+
+
 class ReferenceModel:
     """A decoder-only transformer of any supported architecture, run over a mapping of weights."""
 
@@ -129,10 +143,8 @@ class ReferenceModel:
         return F.linear(x, self.w(f"{prefix}.weight"), self.bias(f"{prefix}.bias"))
 
     def norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        if self.spec.norm_kind == "layer":
-            return F.layer_norm(x, (x.shape[-1],), self.w(f"{prefix}.weight"), self.w(f"{prefix}.bias"),
-                                self.spec.norm_eps)
-        return rms_norm(x, self.w(f"{prefix}.weight"), self.spec.norm_eps)
+        bias = self.w(f"{prefix}.bias") if self.spec.norm_kind == "layer" else None
+        return apply_norm(self.spec, x, self.w(f"{prefix}.weight"), bias)
 
     # ---- layers ------------------------------------------------------------------------------------
 
@@ -180,11 +192,7 @@ class ReferenceModel:
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router of MoE layer ``layer``: ``x`` [N, H] -> (weights [N, k], experts [N, k])."""
-        s = self.spec
-        logits = F.linear(x, self.w(f"{s.moe_prefix(layer)}.gate.weight"))
-        if s.router == "sparsemixer":
-            return route_sparsemixer(logits, s.router_jitter_eps)
-        return route_softmax_topk(logits, s.top_k, s.norm_topk_prob)
+        return route_logits(self.spec, F.linear(x, self.w(f"{self.spec.moe_prefix(layer)}.gate.weight")))
 
     def moe_ffn(self, layer: int, x: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
         """The MoE block of layer ``layer`` on ``x`` [N, H]: routed experts plus Qwen's gated shared expert."""
@@ -266,4 +274,4 @@ class ReferenceModel:
         return torch.stack(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
 
-__all__ = ["KVCache", "ReferenceModel", "causal_attention", "rms_norm"]
+__all__ = ["KVCache", "ReferenceModel", "apply_norm", "causal_attention", "rms_norm", "route_logits"]

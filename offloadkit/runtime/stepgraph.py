@@ -214,7 +214,7 @@ class StepBuilder:
             pname = name if len(pieces) == 1 else f"{name}.{piece}"
             deps, reads = self.need(ins, dev, block.layer)
             if piece == "cg":
-                deps.append(self.stream_weights(block, pname, r1 - r0, after))
+                deps.append(self.stream_weights(block, pname, (r0, r1), after))
                 reads.append(f"W:{pname}")
             params = int(per_row * (r1 - r0))
             bytes_ = params * self.cost.weight_bytes + act_bytes
@@ -226,15 +226,15 @@ class StepBuilder:
             if piece == "cg":
                 self.weight_users.append(tid)
 
-    def stream_weights(self, block: Block, pname: str, rows: int, after: int | None = None) -> int:
-        """The h2d copy of a CG slice's weights, waiting for a free staging buffer (and ``after``)."""
-        nbytes = self.spec.bytes_of(block.params) * rows // block.rows
+    def stream_weights(self, block: Block, pname: str, rows: tuple[int, int], after: int | None = None) -> int:
+        """The h2d copy of rows ``rows`` of a CG slice's weights, waiting for a free staging buffer (and ``after``)."""
+        nbytes = self.spec.bytes_of(block.params) * (rows[1] - rows[0]) // block.rows
         k = self.plan.staging_buffers
         deps = [self.weight_users[-k]] if len(self.weight_users) >= k else []
         if after is not None:
             deps.append(after)
         tid = self.emit("h2d", "weights", f"{pname}.w", self.cost.copy_s("h2d", nbytes, self.plan.pinned),
-                        layer=block.layer, bytes_=nbytes, deps=deps, expert=block.expert)
+                        layer=block.layer, bytes_=nbytes, deps=deps, expert=block.expert, rows=rows)
         self.graph.tasks[tid].writes = (f"W:{pname}",)
         return tid
 
