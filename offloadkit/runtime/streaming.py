@@ -12,8 +12,9 @@ rows over PCIe at the step that computes them. :class:`WeightStreamer` owns all 
   pinned slots is filled from the memory-mapped checkpoint just before each copy (``mode == "ring"``);
   a slot is refilled only after the copy that read it has ended (a host wait on that copy's event,
   bounded). That packing is host work on the ``h2d`` lane's thread, so a measured copy in ring mode
-  includes it; the simulator prices the link alone, so it prices ring-mode copies too fast. A plan that copies from pageable memory (llama.cpp's mmap) packs into ordinary memory
-  (``mode == "pageable"``), which CUDA copies synchronously through its own staging.
+  includes it; the simulator prices the link alone, so it prices ring-mode copies too fast. A plan
+  that copies from pageable memory (llama.cpp's mmap) packs into ordinary memory (``mode ==
+  "pageable"``), which CUDA copies synchronously through its own staging.
 - **Device side**: ``plan.staging_buffers`` device buffers, each the size of the largest CG slice.
   Copy ``i`` lands in buffer ``i mod k``. The step graph makes copy ``i`` depend on the compute that
   read copy ``i - k`` (:meth:`~offloadkit.runtime.stepgraph.StepBuilder.stream_weights`), and the
