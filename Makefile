@@ -4,6 +4,7 @@
 #   make demo   set up, then run the demo (the main job)
 #   make test   set up with the test extra, then ruff, the pytest suite and nbval over notebooks/
 #   make lab    set up with the lab extra and start JupyterLab on the notebooks
+#   make browser-test  the notebooks in a real browser: JupyterLab + Debian's Chromium (screenshots in build/screenshots)
 #   make bench  build llama.cpp, then offloadkit vs llama.cpp on bench-moe (table, build/bench/report.html)
 
 PYTHON ?= python3
@@ -17,7 +18,8 @@ TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup setup-test setup-lab demo test lint nbtest lab clean demo-model llamacpp bench setup-bench
+.PHONY: setup setup-test setup-lab demo test lint nbtest lab clean demo-model llamacpp bench setup-bench \
+	setup-browser browser-test chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +41,15 @@ $(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-base
 	$(PIP) install -e ".[lab,test]"
 	touch $@
 
+$(VENV)/.stamp-browser: pyproject.toml $(VENV)/.stamp-base
+	$(PIP) install -e ".[browser,test]"
+	touch $@
+
 setup: $(VENV)/.stamp-base
 setup-test: $(VENV)/.stamp-test
 setup-lab: $(VENV)/.stamp-lab
 setup-bench: $(VENV)/.stamp-bench
+setup-browser: $(VENV)/.stamp-browser chromium
 
 demo: setup
 	$(BIN)/offloadkit demo
@@ -63,8 +70,32 @@ nbtest: setup-test
 
 test: setup-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not browser"
 	$(MAKE) --no-print-directory nbtest
+
+# The notebooks in a real browser (tests/browser): JupyterLab on 127.0.0.1 (free port, random token) over the
+# notebooks rebuilt from their .py, Debian's Chromium driven by playwright (the system browser, through
+# executable_path: never `playwright install`, which downloads one). Runs all cells of 00, 06 and 08, checks the
+# figures and widgets, moves a slider; screenshots in build/screenshots/ (docs/img/dashboard.png is a copy of
+# build/screenshots/06_partitioning-dashboard.png). `make test` deselects these tests. CHROMIUM names another binary.
+CHROMIUM ?=
+chromium:
+	@bin="$(CHROMIUM)"; [ -n "$$bin" ] || bin=$$(command -v chromium || command -v chromium-browser || true); \
+	if [ -n "$$bin" ] && [ -x "$$bin" ]; then echo "chromium: $$bin"; \
+	elif [ -z "$(CHROMIUM)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "chromium is missing: apt-get install -y chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+	  echo "error: Chromium is missing$(if $(CHROMIUM), (CHROMIUM=$(CHROMIUM) is not executable)) and cannot be installed here (needs root and apt-get)." >&2; \
+	  echo "  Debian/Ubuntu: sudo apt-get install -y chromium, then rerun make browser-test" >&2; \
+	  echo "  elsewhere: install Chromium, then make browser-test CHROMIUM=/path/to/chromium" >&2; \
+	  exit 1; fi
+
+browser-test: setup-browser
+	@mkdir -p build/screenshots
+	OFFLOADKIT_BROWSER_REQUIRED=1 $(if $(CHROMIUM),OFFLOADKIT_CHROMIUM="$(CHROMIUM)") \
+	  $(BIN)/pytest -q -p no:cacheprovider -m browser tests/browser
+	@ls -l build/screenshots/*.png
 
 # JupyterLab on the course. Inside a git checkout it first installs the nbstripout filter that
 # .gitattributes names (`git add` then stores notebooks without the outputs a run saves into them);

@@ -405,6 +405,18 @@ def test_a_profile_with_a_measured_cpu_lane_runs(arch: str, no_leftover_threads)
     assert "host_step" in {r.kind for r in run.timeline.records}
 
 
+def test_the_simulator_with_numerics_takes_a_measured_cpu_lane_too() -> None:
+    """The numerics executor runs the same graph, ``host_*`` tasks included, and still gives the reference's tokens."""
+    spec, weights = model("mixtral")
+    gg = {b.name: b.rows // 3 if b.rows else 1 for b in plan_blocks(spec)}
+    plan = Plan("test-hybrid", gg, (True, False), assign="balance")
+    prompt = prompt_of(spec)
+    sim = simulate(spec, measured_profile(), plan, Workload(prompt.shape[1], NEW - 1),
+                   weights=ReferenceModel(spec, weights), prompt_ids=prompt)
+    assert [int(t) for t in torch.cat(sim.tokens, dim=1)[0]] == reference_tokens("mixtral")
+    assert "host_step" in {r.kind for r in sim.timeline.records}
+
+
 # ---- logits, not only tokens ------------------------------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ class HybridEngine:
         self.machine = f"{machine_label()} + {device.label}"
         self.timeline = Timeline("measured", self.machine, [], {
             "model": spec.name or spec.arch, "plan": plan.name, "policy": plan.policy, "device": device.kind,
+            "workload": self.workload.label,
             "device_label": device.label, "lanes": f"gpu/h2d/d2h lanes: {where}",
             "profile": getattr(profile, "name", "")})
         self.origin: float | None = None

@@ -61,6 +61,11 @@ class NumericsExecutor:
             return  # copies move bytes, not values: all tensors live on the host here
         getattr(self, f"_{task.kind}")(task)
 
+    def _host_step(self, task: Task) -> None:
+        """The CPU engine's work outside any task (``host_*`` tasks of a measured profile): no values."""
+
+    _host_layer = _host_moe_layer = _host_step
+
     def _acc(self, key: str, value: torch.Tensor) -> None:
         self.v[key] = self.v[key] + value if key in self.v else value
 

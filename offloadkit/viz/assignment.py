@@ -37,7 +37,8 @@ from offloadkit.plan.routing import Routing, RoutingTrace, counts_from_choices, 
 from offloadkit.plan.split_search import balance, lane_loads
 from offloadkit.runtime.sim import simulate, step_shapes
 from offloadkit.runtime.timeline import Timeline
-from offloadkit.viz.timeline import timeline_figure
+from offloadkit.viz.controls import ControlPanel
+from offloadkit.viz.timeline import sync_figure, timeline_figure
 
 PARTS = ("gg", "cg", "cc")
 PART_LABELS = {"gg": "GG (resident, GPU)", "cg": "CG (streamed, GPU)", "cc": "CC (CPU)"}
@@ -291,26 +292,13 @@ class StepScrubber:
                             self.where)
         new = timeline_figure(self.timelines[step], step=step, title=f"Timeline · {self.label(step)}<br>"
                                                                      f"<sup>{self.result.timeline.label}</sup>")
-        by_name = {t.name: t for t in new.data}
-        with self.fig_timeline.batch_update():
-            for t in self.fig_timeline.data:  # one trace per task kind: update, or empty it
-                src = by_name.pop(t.name, None)
-                if src is None:
-                    t.update(x=[], y=[], base=[], customdata=[])
-                else:
-                    t.update(x=src.x, y=src.y, base=src.base, customdata=src.customdata)
-            for t in by_name.values():
-                self.fig_timeline.add_trace(t)
-            self.fig_timeline.layout.title.text = new.layout.title.text
-            self.fig_timeline.layout.height = new.layout.height
+        new.update_layout(margin={"t": 90})
+        sync_figure(self.fig_timeline, new)
 
     def widget(self) -> widgets.VBox:
         return widgets.VBox([self.slider, self.fig_assignment, self.fig_timeline])
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget())
+    _ipython_display_ = ControlPanel._ipython_display_
 
 
 __all__ = ["PARTS", "BalanceCurve", "BlockSplit", "StepScrubber", "assignment_data", "assignment_figure",

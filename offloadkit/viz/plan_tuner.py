@@ -25,7 +25,6 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
@@ -37,7 +36,8 @@ from offloadkit.hardware.whatif import PCIE_LANE_GBPS, link_shape, what_if
 from offloadkit.model.spec import ModelSpec
 from offloadkit.plan.plans import Plan, Workload, gpu_bytes_breakdown, plan_blocks, units
 from offloadkit.runtime.compare import Comparison, compare_policies
-from offloadkit.viz.controls import ControlPanel
+from offloadkit.viz.controls import ControlPanel, trace
+from offloadkit.viz.controls import put_trace as _put
 
 TUNED_POLICIES = ("scheinfer", "llamacpp", "fiddler", "ktransformers")
 BASELINES = TUNED_POLICIES[1:]
@@ -80,20 +80,6 @@ def _tokens_per_s(c: Comparison, policy: str, phase: str) -> float | None:
     run = c.runs.get(policy)
     s = run.seconds(phase) if run is not None else None
     return c.tokens(phase) / s if s else None
-
-
-def _put(fig: go.Figure, key: str, make: Any, row: int | None = None, col: int | None = None, **props: Any) -> None:
-    """Update the trace whose ``meta`` is ``key`` in place, or add it (``make``: a trace class)."""
-    for t in fig.data:
-        if t.meta == key:
-            t.update(**props)
-            return
-    fig.add_trace(make(meta=key, **props), row=row, col=col)
-
-
-def trace(fig: go.Figure, key: str) -> Any:
-    """The trace of ``fig`` drawn for ``key`` (a policy, a phase, a kind group, a memory part, ``"bound"``)."""
-    return next(t for t in fig.data if t.meta == key)
 
 
 def _case(c: Comparison, note: bool = True) -> str:
@@ -300,11 +286,6 @@ class PlanTuner(ControlPanel):
         right = widgets.VBox([self.controls[k] for k in names[3:]])
         return widgets.VBox([widgets.HBox([left, right]), self.status, self.fig_speed, self.fig_speedup,
                              self.fig_plan])
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget())
 
 
 __all__ = ["BASELINES", "HAS_QUICK", "KIND_GROUPS", "MEMORY_PARTS", "PlanTuner", "TUNED_POLICIES", "draw_plan",
