@@ -207,7 +207,9 @@ def table(rows: list[dict[str, Any]], device_label: str, profile_name: str) -> s
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
                                                                                                   strict=True)))
              for cells in [headers, ["-" * w for w in widths], *body]]
-    legend = [f"measured: the hybrid engine on {device_label}; one run after a warm-up",
+    from offloadkit.hardware.machine import machine_label
+
+    legend = [f"measured: the hybrid engine on {device_label}, host {machine_label()}; one run after a warm-up",
               f"simulated: offloadkit's simulator on profile {profile_name}",
               "resident: the share of the weights the plan keeps in (capped) GPU memory"]
     errors = [f"{r['policy']} failed: {r['error']}" for r in rows if "error" in r]

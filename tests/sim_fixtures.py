@@ -29,3 +29,18 @@ def cpu_only() -> HardwareProfile:
 def tiny(arch: str = "mixtral", layers: int = 2, seed: int = 1, **kw) -> tuple[ModelSpec, dict]:
     spec = ModelSpec.from_config(make_config(arch, layers=layers, dtype="float32", **kw), name=f"tiny-{arch}")
     return spec, random_weights(spec, seed=seed)
+
+
+def cpu_engine_timeline():
+    """A measured timeline of the CPU engine on a tiny Mixtral: a 12-token prefill (step 0) and one decode step."""
+    import torch
+
+    from offloadkit.runtime.cpu_engine import CpuEngine
+
+    spec = ModelSpec.from_config(make_config("mixtral", layers=1, hidden=64, intermediate=128, experts=4, vocab=256,
+                                             dtype="float32"), "tiny-mixtral")
+    engine = CpuEngine(spec, random_weights(spec, seed=0))
+    cache = engine.new_cache(1, 16)
+    engine.forward(torch.randint(0, 256, (1, 12)), cache)
+    engine.forward(torch.randint(0, 256, (1, 1)), cache)
+    return engine.timeline

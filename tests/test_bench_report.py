@@ -18,16 +18,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from plotly.offline import get_plotlyjs
+from sim_fixtures import cpu_engine_timeline
 
 from offloadkit.bench import report
 from offloadkit.bench.results import BenchRow, BenchRun, Ratio
 from offloadkit.errors import OffloadkitError
-from offloadkit.model.spec import ModelSpec
-from offloadkit.model.writer import make_config, random_weights
 from offloadkit.paths import data_dir
-from offloadkit.runtime.cpu_engine import CpuEngine
 from offloadkit.viz.benchmarks import PaperExperiment, SpeedupExplorer, measured_speedups, trace
 
 MACHINE = "Test CPU (AVX2)"
@@ -40,13 +37,8 @@ PAPER_JSON = data_dir() / "results" / "paper_experiment.json"
 @pytest.fixture(scope="module")
 def timelines() -> dict:
     """One measured prefill (12 tokens) and one decode step of the CPU engine on a tiny Mixtral."""
-    spec = ModelSpec.from_config(make_config("mixtral", layers=1, hidden=64, intermediate=128, experts=4, vocab=256,
-                                             dtype="float32"), "tiny-mixtral")
-    engine = CpuEngine(spec, random_weights(spec, seed=0))
-    cache = engine.new_cache(1, 16)
-    engine.forward(torch.randint(0, 256, (1, 12)), cache)
-    engine.forward(torch.randint(0, 256, (1, 1)), cache)
-    return {"prefill": engine.timeline.select(step=0).to_dict(), "decode": engine.timeline.select(step=1).to_dict()}
+    timeline = cpu_engine_timeline()
+    return {"prefill": timeline.select(step=0).to_dict(), "decode": timeline.select(step=1).to_dict()}
 
 
 def make_run(timelines: dict, *, llama: bool = True, sim: bool = True) -> BenchRun:

@@ -13,11 +13,9 @@ import math
 
 import ipywidgets as widgets
 import pytest
-import torch
 
 from offloadkit.bench.results import BenchRow, BenchRun, Ratio
 from offloadkit.hardware.catalog import load_profile
-from offloadkit.model.spec import ModelSpec
 from offloadkit.model.zoo import load_spec
 from offloadkit.paths import data_dir
 from offloadkit.plan.partition import partition
@@ -322,21 +320,15 @@ def test_a_case_the_experiment_lacks_is_simulated_here(monkeypatch):
 
 
 def test_a_real_measured_cpu_engine_timeline_is_drawn_as_measured(explorer):
-    from offloadkit.model.writer import make_config, random_weights
-    from offloadkit.runtime.cpu_engine import CpuEngine
+    from sim_fixtures import cpu_engine_timeline
 
-    spec = ModelSpec.from_config(make_config("mixtral", layers=1, hidden=64, intermediate=128, experts=4, vocab=256,
-                                             dtype="float32"), "tiny-mixtral")
-    engine = CpuEngine(spec, random_weights(spec, seed=0))
-    cache = engine.new_cache(1, 16)
-    engine.forward(torch.randint(0, 256, (1, 12)), cache)
-    engine.forward(torch.randint(0, 256, (1, 1)), cache)
+    timeline = cpu_engine_timeline()
     explorer.set(phase="decode", step=1, policy="scheinfer", prompt=512)
-    explorer.load_measured(engine.timeline)
+    explorer.load_measured(timeline)
     try:
         m = explorer.summary()["measured"]
         assert m["source"] == "measured" and m["bounding_lane"] == "cpu" and m["utilisation"]["gpu"] == 0
-        assert not vd.is_loopback(engine.timeline)
+        assert not vd.is_loopback(timeline)
         assert not any("CPU threads" in a.text for a in explorer.figure.layout.annotations)
     finally:
         explorer.load_measured(None)

@@ -11,7 +11,8 @@ machine named in ``machine``) or ``"simulated"`` (the cost model on the hardware
 
 The Chrome trace export (``to_chrome_trace``) opens in Perfetto / ``chrome://tracing``: ``ph: "X"``
 events with microsecond timestamps, one track (``tid``) per lane, and ``ph: "M"`` metadata naming
-the process and the lanes.
+the process and the lanes. :func:`chrome_trace` puts several timelines in one trace (a process each),
+and :func:`timeline_from_chrome_trace` / :func:`timeline_from_file` read a saved one back.
 """
 
 from __future__ import annotations
@@ -150,6 +151,61 @@ class Timeline:
                        dict(data.get("meta", {})))
         except (KeyError, TypeError) as e:
             raise OffloadkitError(f"not a saved offloadkit timeline: {e}") from e
+
+
+# ---- reading traces back, and several timelines in one trace ------------------------------------
+
+
+def timeline_from_chrome_trace(data: dict[str, Any], pid: int | None = None) -> Timeline:
+    """A :class:`Timeline` from a Chrome trace written by ``Timeline.write_chrome_trace`` (one process:
+    ``pid``, default the first with tasks); provenance from its ``otherData`` (else measured, unknown)."""
+    events = data.get("traceEvents", [])
+    xs = [e for e in events if e.get("ph") == "X"]
+    pid = pid if pid is not None else (xs[0]["pid"] if xs else 1)
+    lanes = {e["tid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") == pid}
+    other = dict(data.get("otherData", {}))
+    shown = other.pop("shown", None)
+    if isinstance(shown, list):  # a trace this explorer exported: that process's provenance
+        other = next((dict(s) for s in shown if s.get("pid") == pid), other)
+    source, machine = other.pop("source", "measured"), other.pop("machine", "an unknown machine")
+    meta = other.pop("meta", other)
+    tl = Timeline(source, machine, [], dict(meta))
+    for e in xs:
+        if e["pid"] != pid:
+            continue
+        a, lane = e.get("args", {}), lanes.get(e["tid"], str(e["tid"]))
+        tl.records.append(TaskRecord(lane, e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, a.get("layer"),
+                                     "" if e.get("cat") == lane else e.get("cat", ""), int(a.get("bytes", 0)),
+                                     int(a.get("flops", 0)), int(a.get("step", 0))))
+    return tl
+
+
+def timeline_from_file(path: str | Path) -> Timeline:
+    """A saved timeline: Chrome trace JSON (``offloadkit generate --trace``, the timeline explorer's export) or
+    ``to_dict`` JSON."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OffloadkitError(f"{p}: not a readable JSON trace ({e})") from None
+    if isinstance(data, dict) and "traceEvents" in data:
+        return timeline_from_chrome_trace(data)
+    if isinstance(data, dict) and "records" in data:
+        return Timeline.from_dict(data)
+    raise OffloadkitError(f"{p}: neither a Chrome trace nor a saved offloadkit timeline")
+
+
+def chrome_trace(timelines: list[Timeline]) -> dict[str, Any]:
+    """The timelines as one Chrome / Perfetto trace, one process each (pid 1, 2, ...), provenance in ``otherData``."""
+    events: list[dict[str, Any]] = []
+    shown = []
+    for pid, tl in enumerate(timelines, start=1):
+        for e in tl.to_chrome_trace()["traceEvents"]:
+            events.append({**e, "pid": pid})
+        shown.append({"pid": pid, "source": tl.source, "machine": tl.machine, "records": len(tl.records),
+                      "meta": tl.to_dict()["meta"]})
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"shown": shown}}
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from plotly.subplots import make_subplots
 from offloadkit.bench.results import SHORT_DTYPES, BenchRun
 from offloadkit.errors import OffloadkitError
 from offloadkit.paths import data_dir
-from offloadkit.viz.controls import ControlPanel
+from offloadkit.viz.controls import ControlPanel, put_trace, trace
 
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llamacpp", "fiddler", "ktransformers")
@@ -182,21 +182,6 @@ def measured_speedups(run: BenchRun | None, phase: str) -> list[MeasuredSpeedup]
 
 # ---- the figure -------------------------------------------------------------------------------------
 
-def _put(fig: go.Figure, key: str, make: Any, row: int | None = None, col: int | None = None, **props: Any) -> Any:
-    """Update the trace whose ``meta`` is ``key`` in place, or add it (``make``: a trace class)."""
-    for t in fig.data:
-        if t.meta == key:
-            t.update(**props)
-            return t
-    fig.add_trace(make(meta=key, **props), row=row, col=col)
-    return fig.data[-1]
-
-
-def trace(fig: go.Figure, key: str) -> Any:
-    """The trace drawn for ``key``: ``"simulated:<routing>"`` (uniform, zipf:1.2, trace, dense) or ``"measured"``."""
-    return next(t for t in fig.data if t.meta == key)
-
-
 def figure_skeleton(machine: str | None) -> go.Figure:
     """Two panels: simulated speedups (left), measured offloadkit / llama.cpp (right); the 1× lines, the band."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
@@ -231,7 +216,7 @@ def draw_speedups(fig: go.Figure, paper: PaperExperiment, model: str, profile: s
         ts = [f"scheinfer {_ts(paper.tokens_per_s(model, profile, routing, 'scheinfer', phase))} t/s, "
               f"{BASELINE_NAMES[b]} {_ts(paper.tokens_per_s(model, profile, routing, b, phase))} t/s"
               if routing else "" for b in BASELINES]
-        _put(fig, f"simulated:{name}", go.Bar, row=1, col=1, x=x, y=y, marker_color=color,
+        put_trace(fig, f"simulated:{name}", go.Bar, row=1, col=1, x=x, y=y, marker_color=color,
              name=f"simulated · routing {routing or name}", visible=routing is not None, legendgroup="simulated",
              legendgrouptitle_text=f"simulated on {profile}", text=[f"{v:.2f}×" if v else "cannot run" if routing
                                                                      else "" for v in y],
@@ -239,7 +224,7 @@ def draw_speedups(fig: go.Figure, paper: PaperExperiment, model: str, profile: s
              hovertemplate="%{y:.2f}× (simulated)<br>%{hovertext}<extra>" + name + "</extra>")
     cannot = [[(routing_name(r), paper.why_not(model, profile, r, b) or "no figure") for r in routings.values()
                if paper.speedup(model, profile, r, b, phase) is None] for b in BASELINES]
-    _put(fig, "cannot run", go.Scatter, row=1, col=1, x=x, y=[0.0 if c else None for c in cannot],
+    put_trace(fig, "cannot run", go.Scatter, row=1, col=1, x=x, y=[0.0 if c else None for c in cannot],
          mode="markers+text", marker={"symbol": "x", "size": 10, "color": "black"}, name="cannot run (simulated)",
          text=[f"cannot run ({', '.join(n for n, _ in c)})" if c else "" for c in cannot], textposition="top center",
          showlegend=False, hovertext=["<br>".join(f"{n}: {w[:160]}" for n, w in c) for c in cannot],
@@ -254,7 +239,7 @@ def draw_speedups(fig: go.Figure, paper: PaperExperiment, model: str, profile: s
         shown.append(band[1])
     measured = measured_speedups(run, phase)
     one_model = run is not None and len({r.model for r in run.rows}) == 1
-    _put(fig, "measured", go.Bar, row=1, col=2,
+    put_trace(fig, "measured", go.Bar, row=1, col=2,
          x=[_short(m.label, one_model) for m in measured],
          y=[m.mean for m in measured], error_y={"type": "data", "array": [m.sd for m in measured], "visible": True},
          marker={"color": MEASURED_COLOR, "pattern": {"shape": "/", "fgcolor": "white"}},

@@ -7,12 +7,12 @@ Pure functions first (tests and notebooks call them without widgets):
   gives for the step, shifted to start at 0, without simulating the steps before it;
 - :func:`lane_utilisation`, :func:`step_figures` — per lane: busy seconds over the step's time, the
   bounding (busiest) lane;
-- :func:`timeline_from_file` — a saved trace (``offloadkit generate --trace``'s Chrome JSON, or
-  ``Timeline.to_dict`` JSON) back into a :class:`~offloadkit.runtime.timeline.Timeline`;
 - :func:`explorer_figure` — the lanes of the simulated step (row 1) and of a measured one (row 2,
   titled **measured** on its machine; the loopback device's says its lanes are CPU threads), each with
   its lanes' utilisation beside it, and the phase's bound per step as a dashed line;
-- :func:`chrome_trace` — what is shown, as one Chrome / Perfetto trace (a process per timeline).
+
+Saved traces are read, and what is shown is written as one Perfetto trace, by
+:mod:`offloadkit.runtime.timeline` (``timeline_from_file``, ``chrome_trace``).
 
 :class:`TimelineExplorer` wires them to ipywidgets. A redraw caches plans, bounds and step timelines
 per (model, profile, policy, prompt, gen, routing), so moving back to a state seen before is a lookup.
@@ -39,7 +39,14 @@ from offloadkit.plan.plans import Plan, Workload, check_fits
 from offloadkit.plan.routing import Routing, parse_routing
 from offloadkit.runtime.sim import schedule, step_shapes
 from offloadkit.runtime.stepgraph import StepBuilder, layer_blocks
-from offloadkit.runtime.timeline import LANES, TaskRecord, Timeline
+from offloadkit.runtime.timeline import (
+    LANES,
+    TaskRecord,
+    Timeline,
+    chrome_trace,
+    timeline_from_chrome_trace,
+    timeline_from_file,
+)
 from offloadkit.viz.controls import ControlPanel, progress
 from offloadkit.viz.timeline import LEGEND_PER_ROW, sync_figure, timeline_traces
 
@@ -112,57 +119,6 @@ def is_loopback(timeline: Timeline) -> bool:
     m = timeline.meta
     return m.get("device") == "loopback" or "CPU threads" in str(m.get("lanes", "")) \
         or "loopback" in timeline.machine.lower()
-
-
-def timeline_from_chrome_trace(data: dict[str, Any], pid: int | None = None) -> Timeline:
-    """A :class:`Timeline` from a Chrome trace written by ``Timeline.write_chrome_trace`` (one process:
-    ``pid``, default the first with tasks); provenance from its ``otherData`` (else measured, unknown)."""
-    events = data.get("traceEvents", [])
-    xs = [e for e in events if e.get("ph") == "X"]
-    pid = pid if pid is not None else (xs[0]["pid"] if xs else 1)
-    lanes = {e["tid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") == pid}
-    other = dict(data.get("otherData", {}))
-    shown = other.pop("shown", None)
-    if isinstance(shown, list):  # a trace this explorer exported: that process's provenance
-        other = next((dict(s) for s in shown if s.get("pid") == pid), other)
-    source, machine = other.pop("source", "measured"), other.pop("machine", "an unknown machine")
-    meta = other.pop("meta", other)
-    tl = Timeline(source, machine, [], dict(meta))
-    for e in xs:
-        if e["pid"] != pid:
-            continue
-        a, lane = e.get("args", {}), lanes.get(e["tid"], str(e["tid"]))
-        tl.records.append(TaskRecord(lane, e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, a.get("layer"),
-                                     "" if e.get("cat") == lane else e.get("cat", ""), int(a.get("bytes", 0)),
-                                     int(a.get("flops", 0)), int(a.get("step", 0))))
-    return tl
-
-
-def timeline_from_file(path: str | Path) -> Timeline:
-    """A saved timeline: Chrome trace JSON (``--trace``, :meth:`TimelineExplorer.export_trace`) or ``to_dict`` JSON."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OffloadkitError(f"{p}: not a readable JSON trace ({e})") from None
-    if isinstance(data, dict) and "traceEvents" in data:
-        return timeline_from_chrome_trace(data)
-    if isinstance(data, dict) and "records" in data:
-        return Timeline.from_dict(data)
-    raise OffloadkitError(f"{p}: neither a Chrome trace nor a saved offloadkit timeline")
-
-
-def chrome_trace(timelines: list[Timeline]) -> dict[str, Any]:
-    """The timelines as one Chrome / Perfetto trace, one process each (pid 1, 2, ...), provenance in ``otherData``."""
-    events: list[dict[str, Any]] = []
-    shown = []
-    for pid, tl in enumerate(timelines, start=1):
-        for e in tl.to_chrome_trace()["traceEvents"]:
-            events.append({**e, "pid": pid})
-        shown.append({"pid": pid, "source": tl.source, "machine": tl.machine, "records": len(tl.records),
-                      "meta": tl.to_dict()["meta"]})
-    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"shown": shown}}
 
 
 # ---- the figure -------------------------------------------------------------------------------------
