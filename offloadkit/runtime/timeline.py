@@ -111,6 +111,14 @@ class Timeline:
                 and (layer is None or r.layer == layer)]
         return Timeline(self.source, self.machine, keep, dict(self.meta))
 
+    def rebased(self, step: int | None = None) -> Timeline:
+        """This timeline (only ``step`` if given) with times counted from its first start: a step drawn from 0."""
+        tl = self.select(step=step)
+        t0 = min((r.start_s for r in tl.records), default=0.0)
+        tl.records = [TaskRecord(r.lane, r.name, r.start_s - t0, r.end_s - t0, r.layer, r.kind, r.bytes_, r.flops,
+                                 r.step) for r in tl.records]
+        return tl
+
     # ---- export ------------------------------------------------------------------------------
 
     def to_chrome_trace(self) -> dict[str, Any]:

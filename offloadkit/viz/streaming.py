@@ -140,10 +140,7 @@ def streaming_plan(spec: ModelSpec, staging_buffers: int, *, expert_share: float
 
 def rebase(timeline: Timeline, step: int | None = 0) -> Timeline:
     """``step`` of ``timeline`` (all of it with None) with times from that step's first start."""
-    tl = timeline.select(step=step) if step is not None else timeline
-    t0 = min((r.start_s for r in tl.records), default=0.0)
-    return Timeline(tl.source, tl.machine, [TaskRecord(r.lane, r.name, r.start_s - t0, r.end_s - t0, r.layer, r.kind,
-                                                       r.bytes_, r.flops, r.step) for r in tl.records], dict(tl.meta))
+    return timeline.rebased(step)
 
 
 def step_s(timeline: Timeline, step: int | None = 0) -> float:

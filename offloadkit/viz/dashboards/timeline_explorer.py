@@ -90,13 +90,7 @@ def step_timeline(spec: ModelSpec, profile: HardwareProfile, plan: Plan, workloa
 
 def rebased(timeline: Timeline, step: int | None = None) -> Timeline:
     """``timeline`` (only ``step`` if given) with times from its first start (a measured step starts at 0)."""
-    tl = timeline.select(step=step)  # a copy, all steps when step is None
-    if not tl.records:
-        return tl
-    t0 = min(r.start_s for r in tl.records)
-    tl.records = [TaskRecord(r.lane, r.name, r.start_s - t0, r.end_s - t0, r.layer, r.kind, r.bytes_, r.flops,
-                             r.step) for r in tl.records]
-    return tl
+    return timeline.rebased(step)
 
 
 def lane_utilisation(timeline: Timeline) -> dict[str, float]:
